@@ -1,0 +1,139 @@
+"""Command line of the vhostd daemon, following QEMU's back-end program conventions.
+
+Foreground only; logs go to stderr; SIGTERM ends the daemon quickly; any start-up
+failure exits non-zero with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from .devices.backing import FileBackend
+from .devices.blk import BlkDevice, BlkOptions
+from .shell.daemon import Daemon, Endpoint
+from .shell.server import StartupError, adopt_listening_fd, bind_unix
+
+CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not positive")
+    return value
+
+
+def _mode(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vhostd",
+        description="vhost-user back end serving a virtio-blk device to QEMU.",
+    )
+    p.add_argument("--print-capabilities", action="store_true",
+                   help="print the back-end capabilities as JSON and exit")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH",
+                       help="listen for the front end on this unix socket")
+    where.add_argument("--fd", type=int, metavar="N",
+                       help="use the inherited listening unix socket N")
+    p.add_argument("--socket-mode", type=_mode, default=0o600, metavar="MODE",
+                   help="permissions of the socket file (octal, default 0600)")
+    p.add_argument("--blk-file", metavar="FILE", help="raw image file to serve")
+    p.add_argument("--read-only", action="store_true", help="serve the image read-only")
+    p.add_argument("--num-queues", type=_positive, default=1, metavar="N",
+                   help="number of request queues (default 1)")
+    p.add_argument("--queue-size", type=_positive, default=128, metavar="N",
+                   help="largest queue size the front end may use (default 128)")
+    p.add_argument("--logical-block-size", type=_positive, default=512, metavar="N",
+                   help="logical block size in bytes (default 512)")
+    p.add_argument("--serial", default="", metavar="ID",
+                   help="device serial returned by GET_ID (default: the file name)")
+    p.add_argument("--writethrough", action="store_true",
+                   help="start with the write cache off (the driver may change it)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"],
+                   help="stderr log level (default info)")
+    p.add_argument("--event-loop", default="uvloop", choices=["uvloop", "asyncio"],
+                   help="event loop implementation (default uvloop)")
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _make_endpoints(args: argparse.Namespace) -> list[Endpoint]:
+    if not args.blk_file:
+        raise StartupError("--blk-file is required")
+    if args.socket_path is None and args.fd is None:
+        raise StartupError("one of --socket-path or --fd is required")
+    try:
+        backend = FileBackend(args.blk_file, read_only=args.read_only)
+    except OSError as e:
+        raise StartupError(f"cannot open {args.blk_file}: {e.strerror}") from e
+    try:
+        device = BlkDevice("blk0", backend, BlkOptions(
+            num_queues=args.num_queues,
+            queue_size=args.queue_size,
+            logical_block_size=args.logical_block_size,
+            serial=args.serial,
+            writeback=not args.writethrough,
+        ))
+    except ValueError as e:
+        backend.close()
+        raise StartupError(str(e)) from e
+    if args.socket_path is not None:
+        sock = bind_unix(args.socket_path, args.socket_mode)
+        return [Endpoint(device, sock, args.socket_path)]
+    return [Endpoint(device, adopt_listening_fd(args.fd), None)]
+
+
+def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError as e:
+            raise StartupError("uvloop is not installed (use --event-loop=asyncio)") from e
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.print_capabilities:
+        print(json.dumps(CAPABILITIES))
+        return 0
+    _setup_logging(args.log_level)
+    try:
+        loop = _new_loop(args.event_loop)
+        endpoints = _make_endpoints(args)
+    except StartupError as e:
+        print(f"vhostd: {e}", file=sys.stderr)
+        return 1
+    try:
+        daemon = Daemon(loop, endpoints)
+        loop.run_until_complete(daemon.run())
+    finally:
+        loop.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

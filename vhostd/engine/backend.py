@@ -1,0 +1,383 @@
+"""Generic vhost-user device side: memory table, rings, inflight region, features.
+
+A :class:`VhostUserBackend` turns validated messages from the protocol core into
+changes of guest memory and virtqueue state, and asks its :class:`VirtioDevice`
+(blk, owner, ...) only for what is device specific: feature bits, config space and
+the request handler of each queue. It never touches a socket: kick fds are watched
+through the :class:`FdWatcher` it is given (the event loop satisfies it), and
+back-end-initiated messages leave through the ``send_backend_message`` callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from vhostd_proto import vhost_user as vu
+from vhostd_proto.vhost_user import BackendRequest
+from vhostd_proto.virtio import Feature
+
+from ..core.protocol import BackendProtocol, DeviceInfo, Message, ProtocolError
+from .inflight import InflightRegion
+from .memory import GuestMemory, GuestMemoryError, close_fds
+from .virtqueue import Handler, SplitVirtqueue
+
+log = logging.getLogger(__name__)
+
+
+class FdWatcher(Protocol):
+    def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> Any: ...
+    def remove_reader(self, fd: int) -> Any: ...
+
+
+class VirtioDevice(Protocol):
+    """What a device type supplies to the generic back end."""
+
+    name: str
+    num_queues: int
+    max_queue_size: int
+
+    def device_features(self) -> int: ...
+    def make_handler(self, queue: SplitVirtqueue) -> Handler: ...
+    def get_config(self, offset: int, size: int) -> bytes: ...
+    def set_config(self, offset: int, data: bytes, flags: int) -> None: ...
+    def features_acked(self, features: int) -> None: ...
+    def reset(self) -> None: ...
+
+
+class RequestFailed(Exception):
+    """A well-formed request that could not be carried out (answered with a nack)."""
+
+
+# Ring-level feature bits the engine implements for every device.
+ENGINE_FEATURES = (
+    1 << Feature.VIRTIO_F_VERSION_1
+    | 1 << Feature.VIRTIO_RING_F_INDIRECT_DESC
+    | 1 << Feature.VIRTIO_RING_F_EVENT_IDX
+    | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES
+)
+
+PROTOCOL_FEATURES = (
+    1 << vu.ProtocolFeature.MQ
+    | 1 << vu.ProtocolFeature.REPLY_ACK
+    | 1 << vu.ProtocolFeature.BACKEND_REQ
+    | 1 << vu.ProtocolFeature.CONFIG
+    | 1 << vu.ProtocolFeature.INFLIGHT_SHMFD
+    | 1 << vu.ProtocolFeature.RESET_DEVICE
+    | 1 << vu.ProtocolFeature.CONFIGURE_MEM_SLOTS
+)
+
+
+class VhostUserBackend:
+    """The vhost-user device side of one virtio device.
+
+    The device and its config survive front-end reconnects; memory, rings and the
+    protocol state belong to one connection and are dropped with it.
+    """
+
+    def __init__(self, device: VirtioDevice, watcher: FdWatcher) -> None:
+        self.device = device
+        self.watcher = watcher
+        self.log = log.getChild(device.name)
+        self.info = DeviceInfo(
+            features=device.device_features() | ENGINE_FEATURES,
+            protocol_features=PROTOCOL_FEATURES,
+            num_queues=device.num_queues,
+        )
+        self.memory = GuestMemory()
+        self.queues = [
+            SplitVirtqueue(i, handler=_unset_handler, max_size=device.max_queue_size,
+                           name=f"{device.name}/vq{i}")
+            for i in range(device.num_queues)
+        ]
+        for q in self.queues:
+            q.handler = device.make_handler(q)
+        self.inflight: InflightRegion | None = None
+        self.features = 0
+        self.send_backend_message: Callable[[BackendRequest, bytes], bool] | None = None
+        self.protocol: BackendProtocol | None = None
+
+    # ---- connection lifecycle ---------------------------------------------
+    def connect(self) -> BackendProtocol:
+        self.protocol = BackendProtocol(self.info)
+        return self.protocol
+
+    def disconnect(self) -> None:
+        """The front end went away: stop every ring, drop its memory and fds."""
+        for q in self.queues:
+            if q.started:
+                q.stop()
+            self._drop_ring_fds(q)
+            q.detach_memory()
+            q.inflight = None
+            q.enabled = False
+        self.memory.clear()
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
+        self.send_backend_message = None
+        self.protocol = None
+
+    def _drop_ring_fds(self, q: SplitVirtqueue) -> None:
+        self._set_kick(q, None)
+        for attr in ("call_fd", "err_fd"):
+            fd = getattr(q, attr)
+            if fd is not None:
+                os.close(fd)
+                setattr(q, attr, None)
+
+    # ---- dispatch ----------------------------------------------------------
+    def handle(self, msg: Message) -> tuple[bytes, list[int]] | None:
+        """Carry out ``msg``; return the reply due (bytes and fds to send) or None.
+
+        fds in ``msg`` become this object's responsibility; fds in the reply are
+        the caller's to close once sent.
+        """
+        protocol = self.protocol
+        assert protocol is not None
+        local = protocol.answer_local(msg)
+        if local is not None:
+            return local, []
+        handler = getattr(self, "_on_" + msg.request.name.lower(), None)
+        if handler is None:
+            close_fds(msg.fds)
+            raise ProtocolError(f"{msg.request.name} has no handler")
+        try:
+            result = handler(msg)
+        except RequestFailed as e:
+            self.log.error("%s failed: %s", msg.request.name, e)
+            nack = protocol.ack(msg, False)
+            return (nack, []) if nack is not None else None
+        if isinstance(result, bytes):
+            return protocol.reply(msg, result), []
+        if isinstance(result, tuple):
+            body, fds = result
+            return protocol.reply(msg, body), fds
+        ack = protocol.ack(msg, True)
+        return (ack, []) if ack is not None else None
+
+    # ---- features ----------------------------------------------------------
+    def _on_set_features(self, msg: Message) -> None:
+        assert self.protocol is not None
+        self.features = features = self.protocol.acked_features
+        event_idx = bool(features & 1 << Feature.VIRTIO_RING_F_EVENT_IDX)
+        indirect = bool(features & 1 << Feature.VIRTIO_RING_F_INDIRECT_DESC)
+        for q in self.queues:
+            q.set_features(event_idx, indirect)
+            if not features & 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES:
+                # Without protocol features rings are enabled as soon as they start.
+                q.enabled = True
+        self.device.features_acked(features)
+
+    def _on_set_protocol_features(self, msg: Message) -> None:
+        pass  # recorded by the protocol core
+
+    def _on_set_owner(self, msg: Message) -> None:
+        pass
+
+    def _on_reset_owner(self, msg: Message) -> None:
+        self._reset()
+
+    def _on_reset_device(self, msg: Message) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        for q in self.queues:
+            if q.started:
+                q.stop()
+            self._set_kick(q, None)
+            q.enabled = False
+            q.broken = False
+            q.last_avail_idx = 0
+        self.features = 0
+        self.device.reset()
+
+    # ---- memory ------------------------------------------------------------
+    def _on_set_mem_table(self, msg: Message) -> None:
+        table = [
+            (fd, r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+            for fd, r in zip(msg.fds, msg.body.regions, strict=True)
+        ]
+        try:
+            self.memory.replace(table)
+        except GuestMemoryError as e:
+            raise RequestFailed(str(e)) from e
+        finally:
+            close_fds(msg.fds)
+        self._memory_changed()
+
+    def _on_add_mem_reg(self, msg: Message) -> None:
+        r = msg.body.region
+        try:
+            self.memory.add(msg.fds[0], r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                            r.mmap_offset)
+        except GuestMemoryError as e:
+            raise RequestFailed(str(e)) from e
+        finally:
+            close_fds(msg.fds)
+        self._memory_changed()
+
+    def _on_rem_mem_reg(self, msg: Message) -> None:
+        close_fds(msg.fds)
+        r = msg.body.region
+        if not self.memory.remove(r.guest_phys_addr, r.memory_size, r.userspace_addr):
+            raise RequestFailed(f"no region at GPA {r.guest_phys_addr:#x} to remove")
+        self._memory_changed()
+
+    def _memory_changed(self) -> None:
+        for q in self.queues:
+            if q.started and not q.broken:
+                try:
+                    q.resolve()
+                except Exception as e:
+                    q.fail(str(e))
+
+    # ---- rings -------------------------------------------------------------
+    def _on_set_vring_num(self, msg: Message) -> None:
+        try:
+            self.queues[msg.ring].set_num(msg.body.num)  # type: ignore[index]
+        except ValueError as e:
+            raise ProtocolError(f"SET_VRING_NUM: {e}") from e
+
+    def _on_set_vring_base(self, msg: Message) -> None:
+        q = self.queues[msg.ring]  # type: ignore[index]
+        if msg.body.num > 0xFFFF:
+            raise ProtocolError(f"SET_VRING_BASE: {msg.body.num:#x} is not a split-ring index")
+        q.last_avail_idx = msg.body.num
+
+    def _on_set_vring_addr(self, msg: Message) -> None:
+        b = msg.body
+        q = self.queues[msg.ring]  # type: ignore[index]
+        q.set_addr(b.flags, b.desc_user_addr, b.used_user_addr, b.avail_user_addr,
+                   b.log_guest_addr)
+        if q.started and not q.broken:
+            try:
+                q.resolve()
+            except Exception as e:
+                q.fail(str(e))
+
+    def _on_set_vring_kick(self, msg: Message) -> None:
+        q = self.queues[msg.ring]  # type: ignore[index]
+        self._set_kick(q, msg.fd)
+        inflight = self.inflight
+        q.inflight = None
+        if inflight is not None:
+            if inflight.queue_size == q.size and q.index < inflight.num_queues:
+                q.inflight = inflight.queues[q.index]
+            else:
+                self.log.warning("%s: inflight region was made for queue size %d, ring has "
+                                 "%d; not tracking", q.name, inflight.queue_size, q.size)
+        q.start(self.memory)
+        # Chains may already be waiting (or left by a previous back end), and their
+        # kick may have come before this ring could see it.
+        q.resubmit()
+        q.process()
+
+    def _set_kick(self, q: SplitVirtqueue, fd: int | None) -> None:
+        if q.kick_fd is not None:
+            # Stop watching before closing, so the number cannot be reused while
+            # the loop still has it.
+            self.watcher.remove_reader(q.kick_fd)
+            os.close(q.kick_fd)
+        q.kick_fd = fd
+        if fd is not None:
+            os.set_blocking(fd, False)
+            self.watcher.add_reader(fd, self._kicked, q, fd)
+
+    @staticmethod
+    def _kicked(q: SplitVirtqueue, fd: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+        q.process()
+
+    def _on_set_vring_call(self, msg: Message) -> None:
+        q = self.queues[msg.ring]  # type: ignore[index]
+        if q.call_fd is not None:
+            os.close(q.call_fd)
+        q.call_fd = msg.fd
+        if msg.fd is not None:
+            os.set_blocking(msg.fd, False)
+
+    def _on_set_vring_err(self, msg: Message) -> None:
+        q = self.queues[msg.ring]  # type: ignore[index]
+        if q.err_fd is not None:
+            os.close(q.err_fd)
+        q.err_fd = msg.fd
+        if msg.fd is not None:
+            os.set_blocking(msg.fd, False)
+
+    def _on_get_vring_base(self, msg: Message) -> bytes:
+        q = self.queues[msg.ring]  # type: ignore[index]
+        # Requests are served inline, so every chain this ring took is complete;
+        # stop() publishes the last used entries before the base is reported.
+        base = q.stop()
+        self._set_kick(q, None)
+        return vu.VringState.build({"index": q.index, "num": base})
+
+    def _on_set_vring_enable(self, msg: Message) -> None:
+        q = self.queues[msg.ring]  # type: ignore[index]
+        if msg.body.num not in (0, 1):
+            raise ProtocolError(f"SET_VRING_ENABLE: value {msg.body.num} is not 0 or 1")
+        q.enabled = bool(msg.body.num)
+        if q.enabled:
+            q.process()
+
+    # ---- config ------------------------------------------------------------
+    def _on_get_config(self, msg: Message) -> bytes:
+        b = msg.body
+        data = self.device.get_config(b.offset, b.size)
+        return vu.Config.build({"offset": b.offset, "size": b.size, "flags": b.flags,
+                                "region": data})
+
+    def _on_set_config(self, msg: Message) -> None:
+        b = msg.body
+        try:
+            self.device.set_config(b.offset, b.region, b.flags)
+        except ValueError as e:
+            raise RequestFailed(str(e)) from e
+
+    def config_changed(self) -> bool:
+        """Tell the front end the config space changed (e.g. capacity)."""
+        send = self.send_backend_message
+        if send is None:
+            self.log.warning("config changed but the front end gave no back-end channel")
+            return False
+        return send(BackendRequest.CONFIG_CHANGE_MSG, b"")
+
+    # ---- inflight ----------------------------------------------------------
+    def _on_set_inflight_fd(self, msg: Message) -> None:
+        b = msg.body
+        fd = msg.fds[0]
+        try:
+            if self.inflight is not None:
+                self.inflight.close()
+                self.inflight = None
+            if b.mmap_size == 0:
+                return
+            try:
+                self.inflight = InflightRegion(fd, b.mmap_size, b.mmap_offset, b.num_queues,
+                                               b.queue_size)
+            except (ValueError, OSError) as e:
+                raise RequestFailed(f"inflight region: {e}") from e
+        finally:
+            os.close(fd)
+
+    def _on_get_inflight_fd(self, msg: Message) -> tuple[bytes, list[int]]:
+        """A new zeroed region; the reply carries its fd."""
+        b = msg.body
+        if not 1 <= b.num_queues <= self.device.num_queues or not b.queue_size:
+            raise ProtocolError(f"GET_INFLIGHT_FD for {b.num_queues} queues of "
+                                f"{b.queue_size}")
+        fd, size = InflightRegion.create(b.num_queues, b.queue_size)
+        payload = vu.Inflight.build({"mmap_size": size, "mmap_offset": 0,
+                                     "num_queues": b.num_queues,
+                                     "queue_size": b.queue_size})
+        return payload, [fd]
+
+
+def _unset_handler(head: int, readable: list[memoryview], writable: list[memoryview]) -> int:
+    raise RuntimeError("queue has no handler")

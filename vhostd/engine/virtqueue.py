@@ -1,0 +1,372 @@
+"""Device side of a split virtqueue: the data-path engine.
+
+Hot path rules (docs/architecture.md): guest ring memory is read and written with
+precompiled ``struct.Struct`` objects on memoryviews, never with construct; a kick
+drains every available chain, and the used index is published and the driver
+signalled once per batch. Everything read from the ring is hostile: indices,
+lengths, chain shapes and addresses are checked, and a ring that breaks the rules
+stops with a log line and a signal on its err fd instead of harming the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Callable
+
+from vhostd_proto.virtio import (
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_MAX_SIZE,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+)
+
+from .inflight import InflightQueue
+from .memory import GuestMemory, GuestMemoryError
+
+log = logging.getLogger(__name__)
+
+# Field layouts of vhostd_proto.virtio.VirtqDesc / VirtqUsedElem, precompiled.
+DESC = struct.Struct("<QIHH")
+USED_ELEM = struct.Struct("<II")
+U16 = struct.Struct("<H")
+_desc_unpack = DESC.unpack_from
+_u16_unpack = U16.unpack_from
+_u16_pack = U16.pack_into
+_used_pack = USED_ELEM.pack_into
+
+# Handler result meaning "completion will be pushed later by the device".
+PENDING = -1
+
+# A request handler gets the chain head and the device-readable and device-writable
+# buffers in chain order; it returns the used length, or PENDING.
+Handler = Callable[[int, list[memoryview], list[memoryview]], int]
+
+
+class RingError(Exception):
+    """The driver broke the virtqueue rules; the queue must stop."""
+
+
+def _signal(fd: int | None) -> None:
+    if fd is None:
+        return
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        pass  # counter saturated: the reader will wake anyway
+    except OSError as e:
+        log.warning("cannot signal eventfd %d: %s", fd, e)
+
+
+class SplitVirtqueue:
+    """One split virtqueue of a device.
+
+    Configuration arrives piecewise (SET_VRING_NUM/BASE/ADDR, kick/call/err fds);
+    :meth:`start` resolves the ring addresses against guest memory and
+    :meth:`process` drains it.
+    """
+
+    def __init__(self, index: int, handler: Handler, max_size: int = VIRTQ_MAX_SIZE,
+                 name: str = "") -> None:
+        self.index = index
+        self.handler = handler
+        self.max_size = max_size
+        self.name = name or f"vq{index}"
+        self.size = 0
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.log_addr = 0
+        self.addr_flags = 0
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.err_fd: int | None = None
+        self.started = False
+        self.enabled = False
+        self.broken = False
+        self.event_idx = False
+        self.indirect = False
+        self.inflight: InflightQueue | None = None
+        self.memory: GuestMemory | None = None
+        self.desc: memoryview | None = None
+        self.avail: memoryview | None = None
+        self.used: memoryview | None = None
+        self._used_event_off = 0
+        self._avail_event_off = 0
+        self._batch: list[int] = []  # heads whose used entries are not yet published
+        self._signalled_used = 0
+        self._signalled_valid = False
+        self.requests = 0  # statistics: chains completed
+        self._resubmit: list[int] = []
+
+    # ---- configuration -----------------------------------------------------
+    def set_num(self, num: int) -> None:
+        if num == 0 or num & (num - 1) or num > self.max_size:
+            raise ValueError(f"queue size {num} is not a power of two up to {self.max_size}")
+        self.size = num
+
+    def set_addr(self, flags: int, desc: int, used: int, avail: int, log_addr: int) -> None:
+        self.addr_flags = flags
+        self.desc_addr, self.used_addr, self.avail_addr = desc, used, avail
+        self.log_addr = log_addr
+
+    def set_features(self, event_idx: bool, indirect: bool) -> None:
+        self.event_idx = event_idx
+        self.indirect = indirect
+
+    # ---- lifecycle ---------------------------------------------------------
+    def start(self, memory: GuestMemory) -> None:
+        """Resolve the ring against guest memory and pick up where the driver is.
+
+        The used index is read from guest memory; with an inflight region, chains
+        that were taken but not completed by an earlier back end are resubmitted.
+        """
+        self.memory = memory
+        self.started = True
+        self.broken = False
+        try:
+            self.resolve()
+        except RingError as e:
+            self.fail(str(e))
+            return
+        self.used_idx = _u16_unpack(self.used, 2)[0]
+        self._signalled_valid = False
+        if self.inflight is not None:
+            self._recover_inflight()
+
+    def resolve(self) -> None:
+        """(Re)translate ring addresses, e.g. after the memory table changed."""
+        if self.memory is None or not self.size:
+            raise RingError(f"{self.name}: started without a size or memory table")
+        n = self.size
+        try:
+            self.desc = self.memory.qva(self.desc_addr, desc_table_size(n))
+            self.avail = self.memory.qva(self.avail_addr, avail_ring_size(n))
+            self.used = self.memory.qva(self.used_addr, used_ring_size(n))
+        except GuestMemoryError as e:
+            self.desc = self.avail = self.used = None
+            raise RingError(f"{self.name}: ring not in guest memory: {e}") from e
+        self._used_event_off = 4 + 2 * n
+        self._avail_event_off = 4 + 8 * n
+
+    def stop(self) -> int:
+        """Stop the ring and return the next available index to process.
+
+        Requests are completed inline, so once :meth:`process` returns nothing
+        this queue took is outstanding; publish what is left before answering.
+        """
+        if self.started and not self.broken:
+            self._publish()
+        self.started = False
+        self.desc = self.avail = self.used = None
+        return self.last_avail_idx
+
+    def detach_memory(self) -> None:
+        self.desc = self.avail = self.used = None
+        self.memory = None
+
+    def fail(self, why: str) -> None:
+        """Stop processing: the driver broke the ring (or its memory vanished)."""
+        if not self.broken:
+            log.error("%s: %s; queue stopped until the front end restarts it", self.name, why)
+        self.broken = True
+        _signal(self.err_fd)
+
+    @property
+    def ready(self) -> bool:
+        return self.started and self.enabled and not self.broken and self.avail is not None
+
+    # ---- data path ---------------------------------------------------------
+    def process(self) -> None:
+        """Drain every available chain, then publish and signal once."""
+        if not self.ready:
+            return
+        try:
+            self._drain()
+        except RingError as e:
+            self._publish()
+            self.fail(str(e))
+            return
+        self._publish()
+
+    def _drain(self) -> None:
+        avail = self.avail
+        num = self.size
+        handler = self.handler
+        walk = self._walk
+        inflight = self.inflight
+        push = self.push_used
+        while True:
+            avail_idx = _u16_unpack(avail, 2)[0]
+            pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+            if pending == 0:
+                if not self.event_idx:
+                    return
+                # Ask for a kick at the next entry, then look once more: the driver
+                # may have added one before it could see the new avail_event.
+                _u16_pack(self.used, self._avail_event_off, self.last_avail_idx)
+                if _u16_unpack(avail, 2)[0] == self.last_avail_idx:
+                    return
+                continue
+            if pending > num:
+                raise RingError(f"avail index jumped from {self.last_avail_idx} to {avail_idx} "
+                                f"on a queue of {num}")
+            for _ in range(pending):
+                slot = 4 + 2 * (self.last_avail_idx % num)
+                head = _u16_unpack(avail, slot)[0]
+                if head >= num:
+                    raise RingError(f"available head {head} is not below queue size {num}")
+                readable, writable = walk(head)
+                self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+                if inflight is not None:
+                    inflight.take(head)
+                n = handler(head, readable, writable)
+                if n >= 0:
+                    push(head, n)
+
+    def _walk(self, head: int) -> tuple[list[memoryview], list[memoryview]]:
+        """Resolve a descriptor chain into readable and writable buffer views."""
+        table = self.desc
+        table_len = self.size
+        gpa_iov = self.memory.gpa_iov  # type: ignore[union-attr]
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        i = head
+        seen = 0
+        in_indirect = False
+        while True:
+            if seen >= table_len:
+                raise RingError(f"chain at head {head} is longer than its table "
+                                f"({table_len}) or loops")
+            seen += 1
+            addr, length, flags, nxt = _desc_unpack(table, 16 * i)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if in_indirect:
+                    raise RingError(f"chain at head {head}: indirect descriptor inside an "
+                                    f"indirect table")
+                if not self.indirect:
+                    raise RingError(f"chain at head {head}: indirect descriptor without "
+                                    f"VIRTIO_RING_F_INDIRECT_DESC")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise RingError(f"chain at head {head}: indirect descriptor with NEXT")
+                if length == 0 or length % 16 or length // 16 > VIRTQ_MAX_SIZE:
+                    raise RingError(f"chain at head {head}: indirect table length {length}")
+                try:
+                    table = self.memory.gpa(addr, length)  # type: ignore[union-attr]
+                except GuestMemoryError as e:
+                    raise RingError(f"chain at head {head}: indirect table: {e}") from e
+                table_len = length // 16
+                in_indirect = True
+                i = 0
+                seen = 0
+                continue
+            try:
+                if flags & VIRTQ_DESC_F_WRITE:
+                    gpa_iov(addr, length, writable)
+                else:
+                    if writable:
+                        raise RingError(f"chain at head {head}: readable descriptor after a "
+                                        f"writable one")
+                    gpa_iov(addr, length, readable)
+            except GuestMemoryError as e:
+                raise RingError(f"chain at head {head}: {e}") from e
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return readable, writable
+            i = nxt
+            if i >= table_len:
+                raise RingError(f"chain at head {head}: next index {i} is outside its "
+                                f"table of {table_len}")
+
+    def push_used(self, head: int, length: int) -> None:
+        """Write a used entry; it becomes visible at the next publish."""
+        used = self.used
+        if used is None:
+            return
+        _used_pack(used, 4 + 8 * (self.used_idx % self.size), head, length)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self._batch.append(head)
+        self.requests += 1
+
+    def complete(self, head: int, length: int) -> None:
+        """Completion of a PENDING request: push, publish and signal."""
+        if not self.started or self.broken:
+            return
+        self.push_used(head, length)
+        self._publish()
+
+    def _publish(self) -> None:
+        batch = self._batch
+        if not batch or self.used is None:
+            return
+        old = (self.used_idx - len(batch)) & 0xFFFF
+        new = self.used_idx
+        # x86-64 keeps stores in order, so the used entries are visible before idx.
+        _u16_pack(self.used, 2, new)
+        if self.inflight is not None:
+            self.inflight.completed(batch, new)
+        self._batch = []
+        if self._needs_signal(old, new):
+            _signal(self.call_fd)
+
+    def _needs_signal(self, old: int, new: int) -> bool:
+        if not self.event_idx:
+            return not _u16_unpack(self.avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        # Entries published since the last signal all count; after (re)start there
+        # is no last signal, so signal to be safe.
+        valid = self._signalled_valid
+        if valid:
+            old = self._signalled_used
+        self._signalled_used = new
+        self._signalled_valid = True
+        if not valid:
+            return True
+        used_event = _u16_unpack(self.avail, self._used_event_off)[0]
+        return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+    # ---- reconnect ---------------------------------------------------------
+    def _recover_inflight(self) -> None:
+        inflight = self.inflight
+        assert inflight is not None and self.used is not None
+        if not inflight.valid:
+            inflight.init(self.size, self.used_idx)
+            return
+        # A batch published just before a crash is still flagged: the used ring
+        # itself says which heads it holds.
+        done = [
+            USED_ELEM.unpack_from(self.used, 4 + 8 * (i % self.size))[0]
+            for i in range(inflight.used_idx, inflight.used_idx
+                           + ((self.used_idx - inflight.used_idx) & 0xFFFF))
+        ]
+        inflight.completed(done, self.used_idx)
+        heads = inflight.pending_heads()
+        if heads:
+            log.info("%s: resubmitting %d request(s) left in flight by the previous "
+                     "back end", self.name, len(heads))
+        # The front end sent the used index as base; the chains in flight follow it.
+        self.last_avail_idx = (self.used_idx + len(heads)) & 0xFFFF
+        self._resubmit = heads
+
+    def resubmit(self) -> None:
+        """Run chains recovered from the inflight region, oldest first."""
+        heads = self._resubmit
+        if not heads or not self.ready:
+            return
+        self._resubmit = []
+        try:
+            for head in heads:
+                if head >= self.size:
+                    raise RingError(f"inflight head {head} is not below queue size")
+                readable, writable = self._walk(head)
+                n = self.handler(head, readable, writable)
+                if n >= 0:
+                    self.push_used(head, n)
+        except RingError as e:
+            self._publish()
+            self.fail(str(e))
+            return
+        self._publish()

@@ -1,0 +1,58 @@
+"""Run devices on an event loop until SIGTERM/SIGINT; SIGHUP re-reads disk sizes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+
+from ..devices.blk import BlkDevice
+from ..engine.backend import VhostUserBackend
+from .server import DeviceServer
+
+log = logging.getLogger("vhostd")
+
+
+@dataclass
+class Endpoint:
+    """A device and where its front end connects."""
+
+    device: BlkDevice
+    sock: socket.socket
+    path: str | None
+
+
+class Daemon:
+    def __init__(self, loop: asyncio.AbstractEventLoop, endpoints: list[Endpoint]) -> None:
+        self.loop = loop
+        self.stopping = asyncio.Event()
+        self.servers = []
+        for ep in endpoints:
+            backend = VhostUserBackend(ep.device, loop)
+            self.servers.append(DeviceServer(loop, backend, ep.sock, ep.path))
+
+    def refresh_capacity(self) -> None:
+        """SIGHUP: a backing file may have grown; tell the front ends that changed."""
+        for server in self.servers:
+            device = server.backend.device
+            changed = isinstance(device, BlkDevice) and device.refresh_capacity()
+            if changed and server.connection is not None:
+                server.backend.config_changed()
+
+    async def run(self) -> None:
+        loop = self.loop
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.refresh_capacity)
+        for server in self.servers:
+            server.log.info("listening on %s", server.path or f"fd {server.sock.fileno()}")
+        try:
+            await self.stopping.wait()
+        finally:
+            log.info("shutting down")
+            for server in self.servers:
+                server.close()
+            for server in self.servers:
+                server.backend.device.backend.close()
