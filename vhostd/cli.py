@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 
 from .devices.backing import FileBackend
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device serial returned by GET_ID (default: the file name)")
     p.add_argument("--writethrough", action="store_true",
                    help="start with the write cache off (the driver may change it)")
+    p.add_argument("--pidfile", metavar="PATH",
+                   help="write the process id here once the socket listens (readiness)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"],
                    help="stderr log level (default info)")
@@ -129,10 +132,30 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         daemon = Daemon(loop, endpoints)
+        if args.pidfile:
+            _write_pidfile(args.pidfile)
         loop.run_until_complete(daemon.run())
+    except StartupError as e:
+        print(f"vhostd: {e}", file=sys.stderr)
+        return 1
     finally:
         loop.close()
+        if args.pidfile:
+            try:
+                os.unlink(args.pidfile)
+            except FileNotFoundError:
+                pass
     return 0
+
+
+def _write_pidfile(path: str) -> None:
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)  # appears whole, so readers never see a partial pid
+    except OSError as e:
+        raise StartupError(f"cannot write pid file {path}: {e.strerror}") from e
 
 
 if __name__ == "__main__":
