@@ -106,6 +106,10 @@ class VhostUserBackend:
 
     def disconnect(self) -> None:
         """The front end went away: stop every ring, drop its memory and fds."""
+        served = [q.requests for q in self.queues]
+        if any(served):
+            self.log.info("requests served per queue: %s",
+                          " ".join(f"vq{i}={n}" for i, n in enumerate(served)))
         for q in self.queues:
             if q.started:
                 q.stop()
