@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 
 from construct import Container
+
 from vhostd_proto.vhost_user import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
 from vhostd_proto.virtio import DeviceStatus, Feature
 from vhostd_proto.virtio_blk import (

@@ -203,10 +203,16 @@ class SplitVirtqueue:
             return False
         if force:
             notify = True
-        elif self.event_idx:
-            notify = vring_need_event(_U16_UNPACK(self._used, self._avail_event_off)[0], new, old)
         else:
-            notify = not (_U16_UNPACK(self._used, 0)[0] & VIRTQ_USED_F_NO_NOTIFY)
+            # The avail.idx store must be visible before avail_event / used.flags is loaded
+            # (x86 may reorder a store with a later load), else a kick can be lost; Linux's
+            # virtqueue_kick_prepare has the same full barrier.
+            memory_barrier()
+            if self.event_idx:
+                notify = vring_need_event(_U16_UNPACK(self._used, self._avail_event_off)[0],
+                                          new, old)
+            else:
+                notify = not (_U16_UNPACK(self._used, 0)[0] & VIRTQ_USED_F_NO_NOTIFY)
         self.kicked_idx = new
         if notify:
             os.eventfd_write(self.kick_fd, 1)
