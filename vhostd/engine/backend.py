@@ -80,7 +80,7 @@ class VhostUserBackend:
     def __init__(self, device: VirtioDevice, watcher: FdWatcher) -> None:
         self.device = device
         self.watcher = watcher
-        self.log = log.getChild(device.name)
+        self.log = logging.getLogger(f"vhostd.{device.name}")
         self.info = DeviceInfo(
             features=device.device_features() | ENGINE_FEATURES,
             protocol_features=PROTOCOL_FEATURES,
