@@ -202,6 +202,33 @@ class Message:
     def fd(self) -> int | None:
         return self.fds[0] if self.fds else None
 
+    def describe(self) -> str:
+        """One line for debug logs: the request, its fields and its fd count."""
+        parts = [self.request.name]
+        if self.body is not None:
+            parts.append(_fields(self.body))
+        if self.fds:
+            parts.append(f"fds={len(self.fds)}")
+        return " ".join(parts)
+
+
+def _fields(body: Any) -> str:
+    out = []
+    for key, value in body.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, dict):
+            out.append(f"{key}=({_fields(value)})")
+        elif isinstance(value, list):
+            out.append(f"{key}=[{', '.join(_fields(v) for v in value)}]")
+        elif isinstance(value, bytes):
+            out.append(f"{key}={value[:16].hex()}{'...' if len(value) > 16 else ''}")
+        elif isinstance(value, int) and value > 0xFFFF:
+            out.append(f"{key}={value:#x}")
+        else:
+            out.append(f"{key}={value}")
+    return " ".join(out)
+
 
 @dataclass
 class _Partial:

@@ -135,8 +135,8 @@ class Connection:
             self._dispatch(msg)
 
     def _dispatch(self, msg: Message) -> None:
-        self.log.debug("<- %s %s fds=%d", msg.request.name, msg.body if msg.body else "",
-                       len(msg.fds))
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("<- %s", msg.describe())
         if msg.request is R.SET_BACKEND_REQ_FD:
             self._set_backend_channel(msg.fds[0])
             reply = self.protocol.ack(msg, True)
