@@ -32,8 +32,10 @@ VHOST_USER_HDR_SIZE = 12
 VHOST_USER_MAX_FDS = 8
 VHOST_MEMORY_BASELINE_NREGIONS = 8
 VHOST_USER_MAX_CONFIG_SIZE = 256
-# Largest payload any request we understand can carry (a full SET_MEM_TABLE).
-VHOST_USER_MAX_PAYLOAD = 8 + 32 * VHOST_MEMORY_BASELINE_NREGIONS
+# Largest payload any request we understand can carry: a full config read or write
+# (12 + 256) or a full SET_MEM_TABLE (8 + 32 * 8).
+VHOST_USER_MAX_PAYLOAD = max(12 + VHOST_USER_MAX_CONFIG_SIZE,
+                             8 + 32 * VHOST_MEMORY_BASELINE_NREGIONS)
 
 
 class Request(enum.IntEnum):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-from construct import Array, Int16ul, Int32ul, Int64ul, Struct, this
+from construct import Array, Int16ul, Int32ul, Int64ul, Struct
 
 
 class Feature(enum.IntEnum):
@@ -79,12 +79,6 @@ def VirtqUsed(queue_size: int) -> Struct:
         "ring" / Array(queue_size, VirtqUsedElem),
         "avail_event" / Int16ul,
     )
-
-
-DescTable = Struct(
-    "count" / Int32ul,
-    "descs" / VirtqDesc[this.count],
-)
 
 
 def desc_table_size(queue_size: int) -> int:

@@ -284,7 +284,7 @@ class BackendProtocol:
                     self._partial = _Partial()
                     raise ProtocolError(
                         f"{self._name(p.request)} declares {p.size} payload bytes, more "
-                        f"than any request carries", p.fds,
+                        f"than any request carries", p.fds + [fd for m in out for fd in m.fds],
                     )
             take = p.size - len(p.payload)
             p.payload += view[:take]
@@ -292,7 +292,14 @@ class BackendProtocol:
             if len(p.payload) < p.size:
                 break
             self._partial = _Partial()
-            msg = self._validate(p)
+            try:
+                msg = self._validate(p)
+            except ProtocolError as e:
+                # Messages completed earlier in this chunk die with the connection;
+                # their fds must be closed too.
+                for done in out:
+                    e.fds.extend(done.fds)
+                raise
             p = self._partial
             out.append(msg)
             if not view:
@@ -347,8 +354,11 @@ class BackendProtocol:
             raise ProtocolError(f"{name} before SET_OWNER", p.fds)
         ring = None
         if rule.ring is not RingArg.NONE:
-            raw = int.from_bytes(payload[:4], "little")
-            ring = raw & vu.VHOST_USER_VRING_IDX_MASK if rule.ring is RingArg.FD else raw
+            if rule.ring is RingArg.FD:
+                raw = int.from_bytes(payload[:8], "little")
+                ring = raw & vu.VHOST_USER_VRING_IDX_MASK
+            else:
+                raw = ring = int.from_bytes(payload[:4], "little")
             if rule.ring is RingArg.FD and raw & ~0x1FF:
                 raise ProtocolError(f"{name}: reserved bits set in {raw:#x}", p.fds)
             if ring >= self.info.num_queues:

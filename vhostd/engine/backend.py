@@ -276,7 +276,6 @@ class VhostUserBackend:
         q.start(self.memory)
         # Chains may already be waiting (or left by a previous back end), and their
         # kick may have come before this ring could see it.
-        q.resubmit()
         q.process()
 
     def _set_kick(self, q: SplitVirtqueue, fd: int | None) -> None:

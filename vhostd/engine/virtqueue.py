@@ -186,6 +186,10 @@ class SplitVirtqueue:
         """Drain every available chain, then publish and signal once."""
         if not self.ready:
             return
+        if self._resubmit:
+            self.resubmit()
+            if not self.ready:
+                return
         try:
             self._drain()
         except RingError as e:
