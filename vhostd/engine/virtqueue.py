@@ -26,6 +26,7 @@ from vhostd_proto.virtio import (
     used_ring_size,
 )
 
+from .barrier import full_barrier
 from .inflight import InflightQueue
 from .memory import GuestMemory, GuestMemoryError
 
@@ -78,9 +79,14 @@ class SplitVirtqueue:
         self.max_size = max_size
         self.name = name or f"vq{index}"
         self.size = 0
+        # Ring addresses are kept guest-physical; SET_VRING_ADDR's front-end virtual
+        # addresses wait in _qva until a memory table can translate them.
         self.desc_addr = self.avail_addr = self.used_addr = 0
+        self._qva: tuple[int, int, int] | None = None
+        self._have_gpa = False
         self.log_addr = 0
         self.addr_flags = 0
+        self.vector = 0  # MSI-X vector as device parts carry it; no vhost-user meaning
         self.last_avail_idx = 0
         self.used_idx = 0
         self.kick_fd: int | None = None
@@ -89,6 +95,7 @@ class SplitVirtqueue:
         self.started = False
         self.enabled = False
         self.broken = False
+        self.suspended = False  # the owner stopped the member: touch no guest memory
         self.event_idx = False
         self.indirect = False
         self.inflight: InflightQueue | None = None
@@ -111,9 +118,43 @@ class SplitVirtqueue:
         self.size = num
 
     def set_addr(self, flags: int, desc: int, used: int, avail: int, log_addr: int) -> None:
+        """Ring addresses from SET_VRING_ADDR (front-end virtual addresses)."""
         self.addr_flags = flags
-        self.desc_addr, self.used_addr, self.avail_addr = desc, used, avail
+        self._qva = (desc, used, avail)
         self.log_addr = log_addr
+
+    def set_gpa(self, desc: int, avail: int, used: int) -> None:
+        """Ring addresses in guest-physical space (from device parts)."""
+        self._qva = None
+        self.desc_addr, self.avail_addr, self.used_addr = desc, avail, used
+        self._have_gpa = True
+
+    def translate_addr(self) -> None:
+        """Turn pending front-end virtual ring addresses into guest-physical ones."""
+        if self._qva is None or self.memory is None:
+            return
+        desc, used, avail = self._qva
+        try:
+            gpas = [self.memory.qva_to_gpa(a) for a in (desc, avail, used)]
+        except GuestMemoryError as e:
+            raise RingError(f"{self.name}: ring not in guest memory: {e}") from e
+        self.desc_addr, self.avail_addr, self.used_addr = gpas
+        self._qva = None
+        self._have_gpa = True
+
+    def unconfigure(self) -> None:
+        """Forget size and addresses (device reset, or parts saying "not set up")."""
+        self.size = 0
+        self._qva = None
+        self._have_gpa = False
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.desc = self.avail = self.used = None
+        self.last_avail_idx = self.used_idx = 0
+        self.vector = 0
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.size) and (self._qva is not None or self._have_gpa)
 
     def set_features(self, event_idx: bool, indirect: bool) -> None:
         self.event_idx = event_idx
@@ -129,6 +170,11 @@ class SplitVirtqueue:
         self.memory = memory
         self.started = True
         self.broken = False
+        self._resubmit = []  # only this start's inflight recovery may fill it
+        if not self.configured:
+            # Kick fd before any configuration: the ring waits for its addresses
+            # (from the front end or from device parts) and starts then.
+            return
         try:
             self.resolve()
         except RingError as e:
@@ -143,11 +189,12 @@ class SplitVirtqueue:
         """(Re)translate ring addresses, e.g. after the memory table changed."""
         if self.memory is None or not self.size:
             raise RingError(f"{self.name}: started without a size or memory table")
+        self.translate_addr()
         n = self.size
         try:
-            self.desc = self.memory.qva(self.desc_addr, desc_table_size(n))
-            self.avail = self.memory.qva(self.avail_addr, avail_ring_size(n))
-            self.used = self.memory.qva(self.used_addr, used_ring_size(n))
+            self.desc = self.memory.gpa(self.desc_addr, desc_table_size(n))
+            self.avail = self.memory.gpa(self.avail_addr, avail_ring_size(n))
+            self.used = self.memory.gpa(self.used_addr, used_ring_size(n))
         except GuestMemoryError as e:
             self.desc = self.avail = self.used = None
             raise RingError(f"{self.name}: ring not in guest memory: {e}") from e
@@ -163,6 +210,7 @@ class SplitVirtqueue:
         if self.started and not self.broken:
             self._publish()
         self.started = False
+        self._resubmit = []
         self.desc = self.avail = self.used = None
         return self.last_avail_idx
 
@@ -179,7 +227,8 @@ class SplitVirtqueue:
 
     @property
     def ready(self) -> bool:
-        return self.started and self.enabled and not self.broken and self.avail is not None
+        return (self.started and self.enabled and not self.broken and not self.suspended
+                and self.avail is not None)
 
     # ---- data path ---------------------------------------------------------
     def process(self) -> None:
@@ -214,6 +263,7 @@ class SplitVirtqueue:
                 # Ask for a kick at the next entry, then look once more: the driver
                 # may have added one before it could see the new avail_event.
                 _u16_pack(self.used, self._avail_event_off, self.last_avail_idx)
+                full_barrier()
                 if _u16_unpack(avail, 2)[0] == self.last_avail_idx:
                     return
                 continue
@@ -298,7 +348,7 @@ class SplitVirtqueue:
 
     def complete(self, head: int, length: int) -> None:
         """Completion of a PENDING request: push, publish and signal."""
-        if not self.started or self.broken:
+        if not self.started or self.broken or self.used is None:
             return
         self.push_used(head, length)
         self._publish()
@@ -318,6 +368,8 @@ class SplitVirtqueue:
             _signal(self.call_fd)
 
     def _needs_signal(self, old: int, new: int) -> bool:
+        # used.idx was just stored; the driver's flags or used_event must be read after.
+        full_barrier()
         if not self.event_idx:
             return not _u16_unpack(self.avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
         # Entries published since the last signal all count; after (re)start there

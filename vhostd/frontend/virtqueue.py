@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import select
 import struct
-import threading
 from collections.abc import Sequence
 
 from vhostd_proto.virtio import (
@@ -24,6 +23,7 @@ from vhostd_proto.virtio import (
     used_ring_size,
 )
 
+from ..engine.barrier import full_barrier
 from .memory import PAGE_SIZE, GuestMemory
 
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
@@ -42,17 +42,10 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
 
 
-_fence_lock = threading.Lock()
 
 
-def memory_barrier() -> None:
-    """Full barrier, including store->load ordering (which x86 TSO does not give).
-
-    CPython has no fence; taking an uncontended lock executes a locked read-modify-write,
-    which orders all earlier loads and stores before all later ones on x86.
-    """
-    with _fence_lock:
-        pass
+# Store->load ordering for kick suppression; see vhostd/engine/barrier.py.
+memory_barrier = full_barrier
 
 
 def _new_eventfd() -> int:
