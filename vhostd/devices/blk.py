@@ -12,6 +12,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from vhostd_proto.virtio_admin import PartType
 from vhostd_proto.virtio_blk import (
     BLK_CONFIG_WCE_OFFSET,
     VIRTIO_BLK_ID_BYTES,
@@ -150,6 +151,23 @@ class BlkDevice:
 
     def reset(self) -> None:
         self.wce = 1 if self.options.writeback else 0
+
+    # ---- device parts (vendor: the one config byte the driver writes) -------
+    def get_parts(self) -> list[tuple[int, bytes]]:
+        return [(PartType.VHOSTD_BLK_PART_WCE, bytes([self.wce]))]
+
+    def part_lengths(self) -> list[tuple[int, int]]:
+        return [(PartType.VHOSTD_BLK_PART_WCE, 1)]
+
+    def check_part(self, part_type: int, value: bytes) -> None:
+        if part_type == PartType.VHOSTD_BLK_PART_WCE and value[0] not in (0, 1):
+            raise ValueError(f"wce value {value[0]} is not 0 or 1")
+
+    def apply_part(self, part_type: int, value: bytes) -> None:
+        if part_type == PartType.VHOSTD_BLK_PART_WCE:
+            if self.wce and not value[0]:
+                self.backend.flush()
+            self.wce = value[0]
 
     def refresh_capacity(self) -> bool:
         """Re-read the backing size; True if the capacity changed."""

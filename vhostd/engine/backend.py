@@ -10,6 +10,7 @@ back-end-initiated messages leave through the ``send_backend_message`` callback.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 from collections.abc import Callable
@@ -22,6 +23,9 @@ from vhostd_proto.virtio import Feature
 from ..core.protocol import BackendProtocol, DeviceInfo, Message, ProtocolError
 from .inflight import InflightRegion
 from .memory import GuestMemory, GuestMemoryError, close_fds
+from .parts import VHOST_ONLY_FEATURES, Part, StagedParts
+from .parts import check as check_parts
+from .parts import collect as collect_parts
 from .virtqueue import Handler, SplitVirtqueue
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,23 @@ class VirtioDevice(Protocol):
     def set_config(self, offset: int, data: bytes, flags: int) -> None: ...
     def features_acked(self, features: int) -> None: ...
     def reset(self) -> None: ...
+    def get_parts(self) -> list[tuple[int, bytes]]: ...
+    def part_lengths(self) -> list[tuple[int, int]]: ...
+    def check_part(self, part_type: int, value: bytes) -> None: ...
+    def apply_part(self, part_type: int, value: bytes) -> None: ...
+
+
+class MemberMode(enum.Enum):
+    """DEV_MODE_SET state of a member, as its owner sets it."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+    FROZEN = "frozen"  # vhostd extension: stopped, and the parts are final
+
+
+# Device status bits (virtio), derived for a vhost-user device.
+STATUS_ACKNOWLEDGE_DRIVER_FEATURES_OK = 0x1 | 0x2 | 0x8
+STATUS_DRIVER_OK = 0x4
 
 
 class RequestFailed(Exception):
@@ -98,6 +119,12 @@ class VhostUserBackend:
         self.features = 0
         self.send_backend_message: Callable[[BackendRequest, bytes], bool] | None = None
         self.protocol: BackendProtocol | None = None
+        # Member state the owner device reads and writes (engine/parts.py).
+        self.mode = MemberMode.RUNNING
+        self.status = 0
+        self.staged: StagedParts | None = None
+        self.frozen_parts: list[Part] | None = None
+        self._config_change_latched = False
 
     # ---- connection lifecycle ---------------------------------------------
     def connect(self) -> BackendProtocol:
@@ -165,7 +192,11 @@ class VhostUserBackend:
     # ---- features ----------------------------------------------------------
     def _on_set_features(self, msg: Message) -> None:
         assert self.protocol is not None
-        self.features = features = self.protocol.acked_features
+        self._apply_features(self.protocol.acked_features)
+        self.status |= STATUS_ACKNOWLEDGE_DRIVER_FEATURES_OK
+
+    def _apply_features(self, features: int) -> None:
+        self.features = features
         event_idx = bool(features & 1 << Feature.VIRTIO_RING_F_EVENT_IDX)
         indirect = bool(features & 1 << Feature.VIRTIO_RING_F_INDIRECT_DESC)
         for q in self.queues:
@@ -188,14 +219,20 @@ class VhostUserBackend:
         self._reset()
 
     def _reset(self) -> None:
+        """Device reset: every driver-visible part returns to its default."""
         for q in self.queues:
             if q.started:
                 q.stop()
             self._set_kick(q, None)
             q.enabled = False
             q.broken = False
-            q.last_avail_idx = 0
+            q.suspended = False
+            q.unconfigure()
         self.features = 0
+        self.status = 0
+        self.staged = None
+        self.frozen_parts = None
+        self.mode = MemberMode.RUNNING
         self.device.reset()
 
     # ---- memory ------------------------------------------------------------
@@ -274,6 +311,8 @@ class VhostUserBackend:
                 self.log.warning("%s: inflight region was made for queue size %d, ring has "
                                  "%d; not tracking", q.name, inflight.queue_size, q.size)
         q.start(self.memory)
+        if q.configured:
+            self.status |= STATUS_DRIVER_OK
         # Chains may already be waiting (or left by a previous back end), and their
         # kick may have come before this ring could see it.
         q.process()
@@ -345,6 +384,9 @@ class VhostUserBackend:
 
     def config_changed(self) -> bool:
         """Tell the front end the config space changed (e.g. capacity)."""
+        if self.mode is not MemberMode.RUNNING:
+            self._config_change_latched = True  # a stopped member sends nothing
+            return True
         send = self.send_backend_message
         if send is None:
             self.log.warning("config changed but the front end gave no back-end channel")
@@ -380,6 +422,86 @@ class VhostUserBackend:
                                      "num_queues": b.num_queues,
                                      "queue_size": b.queue_size})
         return payload, [fd]
+
+
+    # ---- member mode and device parts (driven by the owner device) ---------
+    def set_mode(self, mode: MemberMode) -> None:
+        """DEV_MODE_SET. Stopping is immediate: requests are served inline, so every
+        chain a queue took is complete; the last used entries are published here and
+        then no queue touches guest memory or signals until resume."""
+        if mode is self.mode:
+            return
+        if mode is MemberMode.RUNNING:
+            self._resume()
+            return
+        if self.mode is MemberMode.RUNNING:
+            for q in self.queues:
+                if q.started and not q.broken:
+                    q._publish()
+                q.suspended = True
+            self.log.info("stopped by the owner")
+        if mode is MemberMode.FROZEN:
+            self.frozen_parts = collect_parts(self)
+            self.log.info("frozen by the owner")
+        else:
+            self.frozen_parts = None
+        self.mode = mode
+
+    def _resume(self) -> None:
+        staged, self.staged = self.staged, None
+        if staged is not None:
+            self._apply_staged(staged)
+        self.frozen_parts = None
+        self.mode = MemberMode.RUNNING
+        for q in self.queues:
+            q.suspended = False
+        self.log.info("resumed by the owner%s", " with new parts" if staged else "")
+        # Kicks that came while stopped were read but not served: look at every ring.
+        for q in self.queues:
+            q.process()
+        if self._config_change_latched:
+            self._config_change_latched = False
+            self.config_changed()
+
+    def parts(self) -> list[Part]:
+        return list(self.frozen_parts) if self.frozen_parts is not None else collect_parts(self)
+
+    def stage_parts(self, parts: list[Part]) -> None:
+        """DEV_PARTS_SET: check everything, change nothing until resume."""
+        staged = check_parts(self, parts)
+        if self.staged is None:
+            self.staged = staged
+        else:
+            self.staged.merge(staged)
+
+    def _apply_staged(self, staged: StagedParts) -> None:
+        if staged.drv_features is not None:
+            keep = self.features & VHOST_ONLY_FEATURES
+            self._apply_features(staged.drv_features | keep)
+        if staged.status is not None:
+            self.status = staged.status
+        for index, cfg in staged.vq_cfg.items():
+            q = self.queues[index]
+            if q.started:
+                q.stop()
+            if cfg.queue_size:
+                q.size = cfg.queue_size
+                q.set_gpa(cfg.queue_desc, cfg.queue_driver, cfg.queue_device)
+            else:
+                q.unconfigure()
+            q.vector = cfg.vector
+            q.enabled = bool(cfg.enabled)
+        for ptype, value in staged.device.items():
+            self.device.apply_part(ptype, value)
+        for q in self.queues:
+            state = staged.vq_state.get(q.index)
+            reconfigured = q.index in staged.vq_cfg
+            if (reconfigured or state is not None) and q.kick_fd is not None and q.configured:
+                q.start(self.memory)
+            if state is not None:
+                q.last_avail_idx = state.last_avail_idx
+                if q.used is None:
+                    q.used_idx = state.used_idx
 
 
 def _unset_handler(head: int, readable: list[memoryview], writable: list[memoryview]) -> int:
