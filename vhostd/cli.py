@@ -11,10 +11,14 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
+from dataclasses import dataclass
 
 from .devices.backing import FileBackend
 from .devices.blk import BlkDevice, BlkOptions
+from .devices.owner import OwnerDevice
+from .engine.backend import VhostUserBackend
 from .shell.daemon import Daemon, Endpoint
 from .shell.server import StartupError, adopt_listening_fd, bind_unix
 
@@ -38,10 +42,49 @@ def _mode(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode") from None
 
 
+@dataclass
+class MemberSpec:
+    socket_path: str
+    blk_file: str
+    read_only: bool = False
+    num_queues: int = 1
+    queue_size: int = 128
+    serial: str = ""
+
+
+_MEMBER_KEYS = {"socket-path", "blk-file", "read-only", "num-queues", "queue-size", "serial"}
+
+
+def parse_member(text: str) -> MemberSpec:
+    """``socket-path=PATH,blk-file=FILE[,read-only=on][,num-queues=N]...``"""
+    opts: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in _MEMBER_KEYS:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected one of {', '.join(sorted(_MEMBER_KEYS))} as key=value")
+        if key in opts:
+            raise argparse.ArgumentTypeError(f"{key} given twice")
+        opts[key] = value
+    for key in ("socket-path", "blk-file"):
+        if not opts.get(key):
+            raise argparse.ArgumentTypeError(f"{key}= is required")
+    ro = opts.get("read-only", "off")
+    if ro not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"read-only={ro}: expected on or off")
+    return MemberSpec(
+        socket_path=opts["socket-path"], blk_file=opts["blk-file"], read_only=ro == "on",
+        num_queues=_positive(opts.get("num-queues", "1")),
+        queue_size=_positive(opts.get("queue-size", "128")),
+        serial=opts.get("serial", ""),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vhostd",
-        description="vhost-user back end serving a virtio-blk device to QEMU.",
+        description="vhost-user back end serving virtio-blk devices to QEMU, optionally "
+                    "as members of an owner device with a virtio admin virtqueue.",
     )
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the back-end capabilities as JSON and exit")
@@ -52,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use the inherited listening unix socket N")
     p.add_argument("--socket-mode", type=_mode, default=0o600, metavar="MODE",
                    help="permissions of the socket file (octal, default 0600)")
-    p.add_argument("--blk-file", metavar="FILE", help="raw image file to serve")
+    p.add_argument("--blk-file", metavar="FILE",
+                   help="raw image file to serve (with --member: the owner's own disk)")
+    p.add_argument("--member", action="append", default=[], metavar="OPTS",
+                   type=parse_member,
+                   help="add a member device managed by an owner device on --socket-path: "
+                        "socket-path=PATH,blk-file=FILE[,read-only=on][,num-queues=N]"
+                        "[,queue-size=N][,serial=ID] (repeat; members are 1..N in order)")
     p.add_argument("--read-only", action="store_true", help="serve the image read-only")
     p.add_argument("--num-queues", type=_positive, default=1, metavar="N",
                    help="number of request queues (default 1)")
@@ -82,30 +131,69 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _make_endpoints(args: argparse.Namespace) -> list[Endpoint]:
-    if not args.blk_file:
-        raise StartupError("--blk-file is required")
-    if args.socket_path is None and args.fd is None:
-        raise StartupError("one of --socket-path or --fd is required")
+def _blk_device(name: str, path: str, read_only: bool, options: BlkOptions) -> BlkDevice:
     try:
-        backend = FileBackend(args.blk_file, read_only=args.read_only)
+        backend = FileBackend(path, read_only=read_only)
     except OSError as e:
-        raise StartupError(f"cannot open {args.blk_file}: {e.strerror}") from e
+        raise StartupError(f"cannot open {path}: {e.strerror}") from e
     try:
-        device = BlkDevice("blk0", backend, BlkOptions(
-            num_queues=args.num_queues,
-            queue_size=args.queue_size,
-            logical_block_size=args.logical_block_size,
-            serial=args.serial,
-            writeback=not args.writethrough,
-        ))
+        return BlkDevice(name, backend, options)
     except ValueError as e:
         backend.close()
-        raise StartupError(str(e)) from e
-    if args.socket_path is not None:
-        sock = bind_unix(args.socket_path, args.socket_mode)
-        return [Endpoint(device, sock, args.socket_path)]
-    return [Endpoint(device, adopt_listening_fd(args.fd), None)]
+        raise StartupError(f"{name}: {e}") from e
+
+
+def _listen(socket_path: str | None, fd: int | None, mode: int) -> tuple[socket.socket,
+                                                                          str | None]:
+    if socket_path is not None:
+        return bind_unix(socket_path, mode), socket_path
+    assert fd is not None
+    return adopt_listening_fd(fd), None
+
+
+def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
+                    ) -> list[Endpoint]:
+    if args.socket_path is None and args.fd is None:
+        raise StartupError("one of --socket-path or --fd is required")
+    if not args.blk_file and not args.member:
+        raise StartupError("--blk-file is required (or --member for an owner device)")
+    disk = None
+    if args.blk_file:
+        disk = _blk_device("blk0" if not args.member else "owner-disk", args.blk_file,
+                           args.read_only, BlkOptions(
+                               num_queues=args.num_queues,
+                               queue_size=args.queue_size,
+                               logical_block_size=args.logical_block_size,
+                               serial=args.serial,
+                               writeback=not args.writethrough,
+                           ))
+    endpoints: list[Endpoint] = []
+    if not args.member:
+        assert disk is not None
+        sock, path = _listen(args.socket_path, args.fd, args.socket_mode)
+        return [Endpoint(VhostUserBackend(disk, loop), sock, path)]
+    members = []
+    for i, spec in enumerate(args.member, start=1):
+        device = _blk_device(f"member{i}", spec.blk_file, spec.read_only, BlkOptions(
+            num_queues=spec.num_queues, queue_size=spec.queue_size,
+            logical_block_size=args.logical_block_size, serial=spec.serial,
+            writeback=not args.writethrough,
+        ))
+        members.append(VhostUserBackend(device, loop))
+    owner = VhostUserBackend(OwnerDevice(members, disk), loop)
+    try:
+        sock, path = _listen(args.socket_path, args.fd, args.socket_mode)
+        endpoints.append(Endpoint(owner, sock, path))
+        for spec, backend in zip(args.member, members, strict=True):
+            endpoints.append(Endpoint(backend, bind_unix(spec.socket_path, args.socket_mode),
+                                      spec.socket_path))
+    except StartupError:
+        for ep in endpoints:
+            ep.sock.close()
+            if ep.path:
+                os.unlink(ep.path)
+        raise
+    return endpoints
 
 
 def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -126,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         loop = _new_loop(args.event_loop)
-        endpoints = _make_endpoints(args)
+        endpoints = _make_endpoints(args, loop)
     except StartupError as e:
         print(f"vhostd: {e}", file=sys.stderr)
         return 1

@@ -152,6 +152,12 @@ class BlkDevice:
     def reset(self) -> None:
         self.wce = 1 if self.options.writeback else 0
 
+    def disconnected(self) -> None:
+        pass  # config (wce) belongs to the device and outlives a front end
+
+    def close(self) -> None:
+        self.backend.close()
+
     # ---- device parts (vendor: the one config byte the driver writes) -------
     def get_parts(self) -> list[tuple[int, bytes]]:
         return [(PartType.VHOSTD_BLK_PART_WCE, bytes([self.wce]))]

@@ -8,7 +8,6 @@ import signal
 import socket
 from dataclasses import dataclass
 
-from ..devices.blk import BlkDevice
 from ..engine.backend import VhostUserBackend
 from .server import DeviceServer
 
@@ -17,27 +16,25 @@ log = logging.getLogger("vhostd")
 
 @dataclass
 class Endpoint:
-    """A device and where its front end connects."""
+    """A device's back end and where its front end connects."""
 
-    device: BlkDevice
+    backend: VhostUserBackend
     sock: socket.socket
     path: str | None
 
 
 class Daemon:
+    """Every device of one vhostd process, on one event loop."""
+
     def __init__(self, loop: asyncio.AbstractEventLoop, endpoints: list[Endpoint]) -> None:
         self.loop = loop
         self.stopping = asyncio.Event()
-        self.servers = []
-        for ep in endpoints:
-            backend = VhostUserBackend(ep.device, loop)
-            self.servers.append(DeviceServer(loop, backend, ep.sock, ep.path))
+        self.servers = [DeviceServer(loop, ep.backend, ep.sock, ep.path) for ep in endpoints]
 
     def refresh_capacity(self) -> None:
         """SIGHUP: a backing file may have grown; tell the front ends that changed."""
         for server in self.servers:
-            device = server.backend.device
-            changed = isinstance(device, BlkDevice) and device.refresh_capacity()
+            changed = server.backend.device.refresh_capacity()
             if changed and server.connection is not None:
                 server.backend.config_changed()
 
@@ -55,4 +52,4 @@ class Daemon:
             for server in self.servers:
                 server.close()
             for server in self.servers:
-                server.backend.device.backend.close()
+                server.backend.device.close()

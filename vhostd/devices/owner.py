@@ -1,0 +1,464 @@
+"""The owner device: an admin virtqueue that manages the member devices (virtio 1.4).
+
+The owner is a vhost-user device of its own. It offers VIRTIO_F_ADMIN_VQ and serves
+one admin virtqueue, placed right after its regular queues (none by default, or the
+queues of its own disk); see docs/admin-over-vhost-user.md. Its members, 1..N, form
+group type 1 (SR-IOV); group type 0 is the owner itself.
+
+Admin commands are carried out in queue order on the event loop, so a member's data
+path never runs concurrently with a command that stops it or reads its parts.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vhostd_proto import virtio_admin as va
+from vhostd_proto.virtio import Feature
+from vhostd_proto.virtio_admin import AdminCmd as C
+from vhostd_proto.virtio_admin import AdminQualifier as Q
+from vhostd_proto.virtio_admin import AdminStatus as S
+from vhostd_proto.virtio_admin import GroupType as G
+
+from ..engine.backend import MemberMode, VhostUserBackend
+from ..engine.parts import Part, PartsError, decode_parts, encode_parts, select
+from ..engine.virtqueue import Handler, SplitVirtqueue
+from .blk import BlkDevice
+
+log = logging.getLogger("vhostd.owner")
+
+ADMIN_QUEUE_SIZE_MAX = 1024
+# How many device-parts objects the owner can hold at once (each limit is a u8).
+DEV_PARTS_OBJECTS_LIMIT = 32
+
+_SELF_OPCODES = frozenset({
+    C.VIRTIO_ADMIN_CMD_LIST_QUERY, C.VIRTIO_ADMIN_CMD_LIST_USE,
+    C.VIRTIO_ADMIN_CMD_CAP_ID_LIST_QUERY, C.VIRTIO_ADMIN_CMD_DEVICE_CAP_GET,
+    C.VIRTIO_ADMIN_CMD_DRIVER_CAP_SET,
+})
+_CAP_OPCODES = frozenset({
+    C.VIRTIO_ADMIN_CMD_CAP_ID_LIST_QUERY, C.VIRTIO_ADMIN_CMD_DEVICE_CAP_GET,
+    C.VIRTIO_ADMIN_CMD_DRIVER_CAP_SET,
+})
+# Commands whose group_member_id names a member.
+_MEMBER_OPCODES = frozenset({
+    C.VIRTIO_ADMIN_CMD_RESOURCE_OBJ_CREATE, C.VIRTIO_ADMIN_CMD_RESOURCE_OBJ_QUERY,
+    C.VIRTIO_ADMIN_CMD_RESOURCE_OBJ_MODIFY, C.VIRTIO_ADMIN_CMD_RESOURCE_OBJ_DESTROY,
+    C.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_GET, C.VIRTIO_ADMIN_CMD_DEV_PARTS_GET,
+    C.VIRTIO_ADMIN_CMD_DEV_PARTS_SET, C.VIRTIO_ADMIN_CMD_DEV_MODE_SET,
+})
+_ALWAYS = frozenset({C.VIRTIO_ADMIN_CMD_LIST_QUERY, C.VIRTIO_ADMIN_CMD_LIST_USE})
+_KIND_NAMES = {va.VIRTIO_RESOURCE_OBJ_DEV_PARTS_TYPE_GET: "GET",
+               va.VIRTIO_RESOURCE_OBJ_DEV_PARTS_TYPE_SET: "SET"}
+_STOPPED = 1 << va.VIRTIO_ADMIN_CMD_DEV_MODE_F_STOPPED
+_FROZEN = 1 << va.VHOSTD_ADMIN_CMD_DEV_MODE_F_FROZEN
+
+
+class AdminError(Exception):
+    def __init__(self, status: int, qualifier: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.qualifier = qualifier
+
+
+def _invalid(qualifier: int, message: str) -> AdminError:
+    return AdminError(S.VIRTIO_ADMIN_STATUS_EINVAL, qualifier, message)
+
+
+def _field(message: str) -> AdminError:
+    return _invalid(Q.VIRTIO_ADMIN_STATUS_Q_INVALID_FIELD, message)
+
+
+def bitmap(opcodes: frozenset[int] | set[int]) -> int:
+    return sum(1 << op for op in opcodes)
+
+
+def _words(value: int, nbytes: int) -> bytes:
+    return value.to_bytes(max(8, (nbytes + 7) // 8 * 8), "little")
+
+
+@dataclass
+class ResourceObject:
+    id: int
+    kind: int  # VIRTIO_RESOURCE_OBJ_DEV_PARTS_TYPE_GET or _SET
+    member: int
+    specific: bytes  # resource_obj_specific_data of the last CREATE or MODIFY
+
+
+class AdminState:
+    """What an owner reset clears: enabled opcodes, driver capabilities, objects."""
+
+    def __init__(self) -> None:
+        self.enabled: dict[int, frozenset[int]] = {
+            G.VIRTIO_ADMIN_GROUP_TYPE_SELF: _ALWAYS,
+            G.VIRTIO_ADMIN_GROUP_TYPE_SRIOV: _ALWAYS,
+        }
+        self.limits = (0, 0)  # (GET, SET) objects the driver enabled
+        self.objects: dict[int, ResourceObject] = {}
+
+
+class AdminCommands:
+    """Executes admin commands against the member group; no ring or socket here."""
+
+    def __init__(self, members: list[VhostUserBackend]) -> None:
+        self.members = members
+        self.state = AdminState()
+        self._handlers: dict[int, Callable[[int, int, bytes, int], bytes]] = {
+            C.VIRTIO_ADMIN_CMD_LIST_QUERY: self._list_query,
+            C.VIRTIO_ADMIN_CMD_LIST_USE: self._list_use,
+            C.VIRTIO_ADMIN_CMD_CAP_ID_LIST_QUERY: self._cap_id_list_query,
+            C.VIRTIO_ADMIN_CMD_DEVICE_CAP_GET: self._device_cap_get,
+            C.VIRTIO_ADMIN_CMD_DRIVER_CAP_SET: self._driver_cap_set,
+            C.VIRTIO_ADMIN_CMD_RESOURCE_OBJ_CREATE: self._obj_create,
+            C.VIRTIO_ADMIN_CMD_RESOURCE_OBJ_MODIFY: self._obj_modify,
+            C.VIRTIO_ADMIN_CMD_RESOURCE_OBJ_QUERY: self._obj_query,
+            C.VIRTIO_ADMIN_CMD_RESOURCE_OBJ_DESTROY: self._obj_destroy,
+            C.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_GET: self._metadata_get,
+            C.VIRTIO_ADMIN_CMD_DEV_PARTS_GET: self._parts_get,
+            C.VIRTIO_ADMIN_CMD_DEV_PARTS_SET: self._parts_set,
+            C.VIRTIO_ADMIN_CMD_DEV_MODE_SET: self._mode_set,
+        }
+
+    def reset(self) -> None:
+        self.state = AdminState()
+
+    def supported(self, group: int) -> frozenset[int]:
+        if group == G.VIRTIO_ADMIN_GROUP_TYPE_SELF:
+            return _SELF_OPCODES
+        return frozenset(self._handlers)
+
+    # ---- entry point -------------------------------------------------------
+    def execute(self, command: bytes, capacity: int) -> tuple[int, int, bytes]:
+        """Run one command; return (status, qualifier, result). ``capacity`` is the
+        room for the command-specific result."""
+        if len(command) < va.ADMIN_CMD_HDR_SIZE:
+            command = command + bytes(va.ADMIN_CMD_HDR_SIZE - len(command))
+        opcode, group, _reserved, member = struct.unpack_from("<HH12sQ", command)
+        data = command[va.ADMIN_CMD_HDR_SIZE:]
+        try:
+            self._validate(opcode, group, member)
+            result = self._handlers[opcode](group, member, data, capacity)
+        except AdminError as e:
+            log.info("admin command %s (group %d, member %d) failed: %s: %s",
+                     _opcode_name(opcode), group, member, _status_name(e.status), e)
+            return e.status, e.qualifier, b""
+        except PartsError as e:
+            log.info("admin command %s for member %d failed: %s", _opcode_name(opcode),
+                     member, e)
+            return e.status, e.qualifier, b""
+        except Exception:
+            log.exception("internal error in admin command %s", _opcode_name(opcode))
+            return (S.VIRTIO_ADMIN_STATUS_EINVAL, Q.VIRTIO_ADMIN_STATUS_Q_INVALID_COMMAND, b"")
+        return S.VIRTIO_ADMIN_STATUS_OK, Q.VIRTIO_ADMIN_STATUS_Q_OK, result
+
+    def _validate(self, opcode: int, group: int, member: int) -> None:
+        # The spec's order: group, then opcode, then member.
+        if group not in (G.VIRTIO_ADMIN_GROUP_TYPE_SELF, G.VIRTIO_ADMIN_GROUP_TYPE_SRIOV):
+            raise _invalid(Q.VIRTIO_ADMIN_STATUS_Q_INVALID_GROUP, f"no group type {group}")
+        if group == G.VIRTIO_ADMIN_GROUP_TYPE_SRIOV and not self.members:
+            raise _invalid(Q.VIRTIO_ADMIN_STATUS_Q_INVALID_GROUP, "the owner has no members")
+        if opcode not in self.supported(group):
+            raise _invalid(Q.VIRTIO_ADMIN_STATUS_Q_INVALID_OPCODE,
+                           f"opcode {opcode:#x} is not supported for group type {group}")
+        if not self._enabled(opcode, group):
+            raise _invalid(Q.VIRTIO_ADMIN_STATUS_Q_INVALID_OPCODE,
+                           f"{_opcode_name(opcode)} is not enabled by LIST_USE")
+        if opcode in _MEMBER_OPCODES and not 1 <= member <= len(self.members):
+            raise _invalid(Q.VIRTIO_ADMIN_STATUS_Q_INVALID_MEMBER,
+                           f"no member {member} (members are 1..{len(self.members)})")
+        if group == G.VIRTIO_ADMIN_GROUP_TYPE_SELF and member != 0:
+            raise _invalid(Q.VIRTIO_ADMIN_STATUS_Q_INVALID_MEMBER,
+                           f"member {member} in the self group (must be 0)")
+
+    def _enabled(self, opcode: int, group: int) -> bool:
+        enabled = self.state.enabled
+        if opcode in enabled[group]:
+            return True
+        # Linux enables the capability commands in the SR-IOV group's LIST_USE only,
+        # then sends them on the self group: accept either list for them.
+        return opcode in _CAP_OPCODES and any(opcode in e for e in enabled.values())
+
+    # ---- LIST_QUERY / LIST_USE ---------------------------------------------
+    def _list_query(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        return _words(bitmap(self.supported(group)), 8)
+
+    def _list_use(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        used = int.from_bytes(data, "little") if data else 0
+        extra = used & ~bitmap(self.supported(group))
+        if extra:
+            raise _field(f"LIST_USE enables opcodes {extra:#x} not supported for group {group}")
+        self.state.enabled[group] = frozenset(op for op in self.supported(group)
+                                              if used >> op & 1)
+        return b""
+
+    # ---- capabilities ------------------------------------------------------
+    def _cap_id_list_query(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        return _words(1 << va.VIRTIO_DEV_PARTS_CAP, 8)
+
+    def _device_cap_get(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        cap_id = int.from_bytes(data[:2].ljust(2, b"\0"), "little")
+        if cap_id != va.VIRTIO_DEV_PARTS_CAP:
+            raise AdminError(S.VIRTIO_ADMIN_STATUS_ENXIO, Q.VIRTIO_ADMIN_STATUS_Q_INVALID_FIELD,
+                             f"no capability {cap_id}")
+        return bytes([DEV_PARTS_OBJECTS_LIMIT, DEV_PARTS_OBJECTS_LIMIT])
+
+    def _driver_cap_set(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        data = data.ljust(10, b"\0")
+        cap_id = int.from_bytes(data[:2], "little")
+        if cap_id != va.VIRTIO_DEV_PARTS_CAP:
+            raise AdminError(S.VIRTIO_ADMIN_STATUS_ENXIO, Q.VIRTIO_ADMIN_STATUS_Q_INVALID_FIELD,
+                             f"no capability {cap_id}")
+        get_limit, set_limit = data[8], data[9]
+        if get_limit > DEV_PARTS_OBJECTS_LIMIT or set_limit > DEV_PARTS_OBJECTS_LIMIT:
+            raise _field(f"limits {get_limit}/{set_limit} exceed the device's "
+                         f"{DEV_PARTS_OBJECTS_LIMIT}")
+        for obj in self.state.objects.values():
+            is_get = obj.kind == va.VIRTIO_RESOURCE_OBJ_DEV_PARTS_TYPE_GET
+            limit = get_limit if is_get else set_limit
+            if obj.id >= limit:
+                raise AdminError(S.VIRTIO_ADMIN_STATUS_EBUSY,
+                                 Q.VIRTIO_ADMIN_STATUS_Q_INVALID_FIELD,
+                                 f"object {obj.id} still exists above the new limit")
+        self.state.limits = (get_limit, set_limit)
+        return b""
+
+    # ---- resource objects --------------------------------------------------
+    @staticmethod
+    def _obj_hdr(data: bytes) -> tuple[int, int]:
+        data = data.ljust(8, b"\0")
+        rtype, _res, obj_id = struct.unpack_from("<H2sI", data)
+        if rtype != va.VIRTIO_RESOURCE_OBJ_DEV_PARTS:
+            raise _field(f"no resource object type {rtype:#x}")
+        return rtype, obj_id
+
+    def _parse_create(self, data: bytes) -> tuple[int, int]:
+        _rtype, obj_id = self._obj_hdr(data)
+        data = data.ljust(24, b"\0")
+        flags = int.from_bytes(data[8:16], "little")
+        if flags:
+            raise _field(f"resource object flags {flags:#x}")
+        kind = data[16]
+        if kind not in _KIND_NAMES:
+            raise _field(f"device-parts object type {kind}")
+        return obj_id, kind
+
+    def _obj_create(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        obj_id, kind = self._parse_create(data)
+        limit = self.state.limits[kind]
+        if obj_id >= limit:
+            raise _field(f"object id {obj_id} is not below the {_KIND_NAMES[kind]} limit "
+                         f"{limit} the driver set")
+        if obj_id in self.state.objects:
+            raise AdminError(S.VIRTIO_ADMIN_STATUS_EEXIST, Q.VIRTIO_ADMIN_STATUS_Q_INVALID_FIELD,
+                             f"object {obj_id} exists")
+        self.state.objects[obj_id] = ResourceObject(obj_id, kind, member,
+                                                    data.ljust(24, b"\0")[16:24])
+        return b""
+
+    def _object(self, obj_id: int, member: int, kind: int | None = None) -> ResourceObject:
+        obj = self.state.objects.get(obj_id)
+        if obj is None:
+            raise AdminError(S.VIRTIO_ADMIN_STATUS_ENXIO, Q.VIRTIO_ADMIN_STATUS_Q_INVALID_FIELD,
+                             f"no object {obj_id}")
+        if obj.member != member:
+            raise _field(f"object {obj_id} belongs to member {obj.member}")
+        if kind is not None and obj.kind != kind:
+            raise _field(f"object {obj_id} is a {_KIND_NAMES[obj.kind]} object")
+        return obj
+
+    def _obj_modify(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        obj_id, kind = self._parse_create(data)
+        obj = self._object(obj_id, member)
+        if obj_id >= self.state.limits[kind]:
+            raise _field(f"object id {obj_id} is not below the {_KIND_NAMES[kind]} limit")
+        obj.kind = kind
+        obj.specific = data.ljust(24, b"\0")[16:24]
+        return b""
+
+    def _obj_query(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        _rtype, obj_id = self._obj_hdr(data)
+        return self._object(obj_id, member).specific
+
+    def _obj_destroy(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        _rtype, obj_id = self._obj_hdr(data)
+        self._object(obj_id, member)
+        del self.state.objects[obj_id]
+        return b""
+
+    # ---- device parts ------------------------------------------------------
+    def _member(self, member: int) -> VhostUserBackend:
+        return self.members[member - 1]
+
+    def _metadata_get(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        _rtype, obj_id = self._obj_hdr(data)
+        self._object(obj_id, member, va.VIRTIO_RESOURCE_OBJ_DEV_PARTS_TYPE_GET)
+        mtype = data.ljust(16, b"\0")[8]
+        parts = self._member(member).parts()
+        if mtype == va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_SIZE:
+            return struct.pack("<I4x", len(encode_parts(parts)))
+        if mtype == va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_COUNT:
+            return struct.pack("<I4x", len(parts))
+        if mtype == va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_LIST:
+            result = struct.pack("<I4x", len(parts)) + b"".join(p.header() for p in parts)
+            if len(result) > capacity:
+                raise AdminError(S.VIRTIO_ADMIN_STATUS_ENOMEM,
+                                 Q.VIRTIO_ADMIN_STATUS_Q_NORESOURCE,
+                                 f"header list needs {len(result)} bytes, buffer has {capacity}")
+            return result
+        raise _field(f"metadata type {mtype}")
+
+    def _parts_get(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        _rtype, obj_id = self._obj_hdr(data)
+        self._object(obj_id, member, va.VIRTIO_RESOURCE_OBJ_DEV_PARTS_TYPE_GET)
+        gtype = data.ljust(16, b"\0")[8]
+        parts = self._member(member).parts()
+        if gtype == va.VIRTIO_ADMIN_CMD_DEV_PARTS_GET_TYPE_SELECTED:
+            wanted = _headers(data[16:])
+            parts = select(parts, wanted)
+        elif gtype != va.VIRTIO_ADMIN_CMD_DEV_PARTS_GET_TYPE_ALL:
+            raise _field(f"get type {gtype}")
+        result = encode_parts(parts)
+        if len(result) > capacity:
+            # A cut part list would be unusable: refuse instead of truncating.
+            raise AdminError(S.VIRTIO_ADMIN_STATUS_ENOMEM, Q.VIRTIO_ADMIN_STATUS_Q_NORESOURCE,
+                             f"parts need {len(result)} bytes, buffer has {capacity}")
+        return result
+
+    def _parts_set(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        _rtype, obj_id = self._obj_hdr(data)
+        self._object(obj_id, member, va.VIRTIO_RESOURCE_OBJ_DEV_PARTS_TYPE_SET)
+        backend = self._member(member)
+        if backend.mode is MemberMode.RUNNING:
+            raise AdminError(S.VIRTIO_ADMIN_STATUS_EBUSY, Q.VIRTIO_ADMIN_STATUS_Q_INVALID_COMMAND,
+                             f"member {member} is running; stop it before DEV_PARTS_SET")
+        backend.stage_parts(decode_parts(data[8:]))
+        return b""
+
+    def _mode_set(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        flags = data[0] if data else 0
+        if flags & ~(_STOPPED | _FROZEN):
+            raise _field(f"mode flags {flags:#x}")
+        if flags == _FROZEN:
+            raise _field("freeze needs the STOPPED bit too")
+        mode = (MemberMode.FROZEN if flags & _FROZEN else
+                MemberMode.STOPPED if flags & _STOPPED else MemberMode.RUNNING)
+        self._member(member).set_mode(mode)
+        return b""
+
+
+def _headers(data: bytes) -> list[Part]:
+    out = []
+    for off in range(0, len(data) - len(data) % va.PART_HDR_SIZE, va.PART_HDR_SIZE):
+        ptype, flags, _res, selector, _length = struct.unpack_from("<HBB8sI", data, off)
+        out.append(Part(ptype, flags, selector, b""))
+    return out
+
+
+def _opcode_name(opcode: int) -> str:
+    try:
+        return C(opcode).name.removeprefix("VIRTIO_ADMIN_CMD_")
+    except ValueError:
+        return f"opcode {opcode:#x}"
+
+
+def _status_name(status: int) -> str:
+    try:
+        return S(status).name.removeprefix("VIRTIO_ADMIN_STATUS_")
+    except ValueError:
+        return str(status)
+
+
+class OwnerDevice:
+    """A vhost-user device whose last queue is the admin queue.
+
+    With ``disk`` the owner is also a virtio-blk device: its regular queues are the
+    disk's, and the admin queue comes after them.
+    """
+
+    def __init__(self, members: list[VhostUserBackend], disk: BlkDevice | None = None,
+                 name: str = "owner") -> None:
+        self.name = name
+        self.disk = disk
+        self.commands = AdminCommands(members)
+        self.admin_queue_index = disk.num_queues if disk else 0
+        self.num_queues = self.admin_queue_index + 1
+        self.max_queue_size = max(disk.max_queue_size if disk else 0, ADMIN_QUEUE_SIZE_MAX)
+
+    @property
+    def members(self) -> list[VhostUserBackend]:
+        return self.commands.members
+
+    def device_features(self) -> int:
+        disk = self.disk.device_features() if self.disk else 0
+        return disk | 1 << Feature.VIRTIO_F_ADMIN_VQ
+
+    def make_handler(self, queue: SplitVirtqueue) -> Handler:
+        if queue.index < self.admin_queue_index:
+            assert self.disk is not None
+            return self.disk.make_handler(queue)
+        return self._admin_handler
+
+    def _admin_handler(self, head: int, readable: list[memoryview],
+                       writable: list[memoryview]) -> int:
+        room = sum(map(len, writable))
+        if room < va.ADMIN_STATUS_SIZE:
+            log.warning("admin command at head %d has no room for its status; dropped", head)
+            return 0
+        status, qualifier, result = self.commands.execute(
+            b"".join(readable), room - va.ADMIN_STATUS_SIZE)
+        out = struct.pack("<HH4x", status, qualifier) + result
+        out = out[:room]  # results are cut to the buffer (parts lists refuse earlier)
+        off = 0
+        for buf in writable:
+            n = min(len(buf), len(out) - off)
+            buf[:n] = out[off:off + n]
+            off += n
+            if off == len(out):
+                break
+        return len(out)
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        if self.disk:
+            return self.disk.get_config(offset, size)
+        return bytes(size)
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        if not self.disk:
+            raise ValueError("the owner has no configuration space")
+        self.disk.set_config(offset, data, flags)
+
+    def features_acked(self, features: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        self.commands.reset()
+        if self.disk:
+            self.disk.reset()
+
+    def refresh_capacity(self) -> bool:
+        return self.disk.refresh_capacity() if self.disk else False
+
+    def close(self) -> None:
+        if self.disk:
+            self.disk.close()
+
+    def disconnected(self) -> None:
+        # The admin driver went away: what it set up goes with it.
+        self.commands.reset()
+
+    def get_parts(self) -> list[tuple[int, bytes]]:
+        return self.disk.get_parts() if self.disk else []
+
+    def part_lengths(self) -> list[tuple[int, int]]:
+        return self.disk.part_lengths() if self.disk else []
+
+    def check_part(self, part_type: int, value: bytes) -> None:
+        if self.disk:
+            self.disk.check_part(part_type, value)
+
+    def apply_part(self, part_type: int, value: bytes) -> None:
+        if self.disk:
+            self.disk.apply_part(part_type, value)
