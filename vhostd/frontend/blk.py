@@ -362,6 +362,36 @@ class BlkFrontend:
         self.started = False
         return list(self.bases)
 
+    def attach(self, path: str | os.PathLike[str]) -> VhostUserClient:
+        """Connect the same guest to another member, as a passthrough hypervisor would.
+
+        The new member gets the transport only: memory table, call/err and kick
+        eventfds (the very ones the guest already uses). The driver's state (features,
+        ring addresses, ring positions) is not sent: it reaches the member as device
+        parts through its owner. Returns the previous connection, still open, so the
+        caller decides when the old member loses its front end.
+        """
+        old = self.client
+        c = self.client = VhostUserClient(path, timeout=self.timeout)
+        self.offered_features = c.get_features()
+        if self.offered_features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            self.offered_protocol_features = c.get_protocol_features()
+            self.protocol_features = self.offered_protocol_features & self.protocol_mask
+            c.set_protocol_features(self.protocol_features)
+        if self.has_protocol(ProtocolFeature.MQ):
+            c.get_queue_num()
+        c.set_owner()
+        for i, q in enumerate(self.queues):
+            c.set_vring_call(i, q.vq.call_fd)
+            c.set_vring_err(i, q.err_fd)
+        self._sent_regions = []
+        self._memory_table()
+        for i, q in enumerate(self.queues):
+            if q.configured:
+                c.set_vring_kick(i, q.vq.kick_fd)
+        c.get_features()  # round trip: everything above has been handled
+        return old
+
     def close(self) -> None:
         if self._closed:
             return
