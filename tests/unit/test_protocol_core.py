@@ -3,6 +3,7 @@ way a front end can break the protocol (reference sections 1, 2, 3 and 6.1)."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from typing import Any
 
@@ -54,7 +55,7 @@ def offered_bits() -> set[PF]:
 
 def test_backend_offer_is_what_the_walkthrough_expects() -> None:
     # The features the core is tested with (see vhostd/engine/backend.py).
-    assert offered_bits() == {PF.MQ, PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIG,
+    assert offered_bits() == {PF.MQ, PF.LOG_SHMFD, PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIG,
                               PF.INFLIGHT_SHMFD, PF.RESET_DEVICE, PF.CONFIGURE_MEM_SLOTS}
 
 
@@ -70,7 +71,7 @@ def test_qemu_72_start_sequence(proto: BackendProtocol) -> None:
     m = feed_one(proto, frame(R.SET_PROTOCOL_FEATURES, u64(PROTOCOL_FEATURES & 0x1FFFF)))
     assert m.body.u64 == PROTOCOL_FEATURES
     assert proto.protocol_features == PROTOCOL_FEATURES
-    assert proto.has(PF.REPLY_ACK) and not proto.has(PF.LOG_SHMFD)
+    assert proto.has(PF.REPLY_ACK) and proto.has(PF.LOG_SHMFD)
     feed_one(proto, frame(R.GET_QUEUE_NUM))
     feed_one(proto, frame(R.GET_MAX_MEM_SLOTS))
     backend_fd = next(fd)
@@ -430,7 +431,9 @@ def test_gated_when_the_front_end_left_the_bit_out(req: R, gate: PF, payload: by
     feed_one(proto, frame(req, payload), fds)
 
 
-def test_log_base_refused_when_not_offered_even_if_acked(proto: BackendProtocol) -> None:
+def test_log_base_refused_when_not_offered_even_if_acked(info: DeviceInfo) -> None:
+    proto = BackendProtocol(dataclasses.replace(
+        info, protocol_features=info.protocol_features & ~(1 << PF.LOG_SHMFD)))
     negotiate(proto, acked=PROTOCOL_FEATURES | 1 << PF.LOG_SHMFD)
     with pytest.raises(ProtocolError, match="LOG_SHMFD"):
         feed(proto, frame(R.SET_LOG_BASE, log_base(0x1000)), [100])

@@ -682,6 +682,9 @@ class _Device:
     def reset(self) -> None:
         pass
 
+    def disconnected(self) -> None:
+        pass
+
 
 class _Watcher:
     def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> None:

@@ -21,6 +21,7 @@ from vhostd_proto.vhost_user import BackendRequest
 from vhostd_proto.virtio import Feature
 
 from ..core.protocol import BackendProtocol, DeviceInfo, Message, ProtocolError
+from .dirtylog import DirtyLog
 from .inflight import InflightRegion
 from .memory import GuestMemory, GuestMemoryError, close_fds
 from .parts import VHOST_ONLY_FEATURES, Part, StagedParts
@@ -81,10 +82,12 @@ ENGINE_FEATURES = (
     | 1 << Feature.VIRTIO_RING_F_INDIRECT_DESC
     | 1 << Feature.VIRTIO_RING_F_EVENT_IDX
     | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES
+    | 1 << vu.VHOST_F_LOG_ALL
 )
 
 PROTOCOL_FEATURES = (
     1 << vu.ProtocolFeature.MQ
+    | 1 << vu.ProtocolFeature.LOG_SHMFD
     | 1 << vu.ProtocolFeature.REPLY_ACK
     | 1 << vu.ProtocolFeature.BACKEND_REQ
     | 1 << vu.ProtocolFeature.CONFIG
@@ -119,6 +122,7 @@ class VhostUserBackend:
         for q in self.queues:
             q.handler = device.make_handler(q)
         self.inflight: InflightRegion | None = None
+        self.dirty_log: DirtyLog | None = None
         self.features = 0
         self.send_backend_message: Callable[[BackendRequest, bytes], bool] | None = None
         self.protocol: BackendProtocol | None = None
@@ -151,6 +155,7 @@ class VhostUserBackend:
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None
+        self._set_dirty_log(None)
         self.send_backend_message = None
         self.protocol = None
         self.device.disconnected()
@@ -201,6 +206,7 @@ class VhostUserBackend:
 
     def _apply_features(self, features: int) -> None:
         self.features = features
+        self._update_logging()
         event_idx = bool(features & 1 << Feature.VIRTIO_RING_F_EVENT_IDX)
         indirect = bool(features & 1 << Feature.VIRTIO_RING_F_INDIRECT_DESC)
         for q in self.queues:
@@ -238,6 +244,34 @@ class VhostUserBackend:
         self.frozen_parts = None
         self.mode = MemberMode.RUNNING
         self.device.reset()
+
+    # ---- dirty log (migration) ---------------------------------------------
+    def _on_set_log_base(self, msg: Message) -> None:
+        b = msg.body
+        fd = msg.fds[0]
+        try:
+            new = DirtyLog(fd, b.mmap_size, b.mmap_offset)
+        except (OSError, ValueError) as e:
+            raise RequestFailed(f"cannot map the dirty log: {e}") from e
+        finally:
+            os.close(fd)
+        self.log.info("dirty log of %d bytes (%d pages) in place", b.mmap_size, new.pages)
+        self._set_dirty_log(new)
+
+    def _set_dirty_log(self, new: DirtyLog | None) -> None:
+        # Switch to the new log first, then drop the old one (QEMU resizes it while
+        # rings run).
+        old, self.dirty_log = self.dirty_log, new
+        self._update_logging()
+        if old is not None:
+            old.close()
+
+    def _update_logging(self) -> None:
+        """Queues log only while LOG_ALL is negotiated and a log is mapped, so
+        logging costs nothing otherwise."""
+        active = self.dirty_log if self.features & 1 << vu.VHOST_F_LOG_ALL else None
+        for q in self.queues:
+            q.dirty_log = active
 
     # ---- memory ------------------------------------------------------------
     def _on_set_mem_table(self, msg: Message) -> None:

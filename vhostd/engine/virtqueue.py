@@ -15,6 +15,7 @@ import os
 import struct
 from collections.abc import Callable
 
+from vhostd_proto.vhost_user import VHOST_VRING_F_LOG
 from vhostd_proto.virtio import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -27,6 +28,7 @@ from vhostd_proto.virtio import (
 )
 
 from .barrier import full_barrier
+from .dirtylog import DirtyLog
 from .inflight import InflightQueue
 from .memory import GuestMemory, GuestMemoryError
 
@@ -40,6 +42,8 @@ _desc_unpack = DESC.unpack_from
 _u16_unpack = U16.unpack_from
 _u16_pack = U16.pack_into
 _used_pack = USED_ELEM.pack_into
+
+VHOST_VRING_F_LOG_MASK = 1 << VHOST_VRING_F_LOG
 
 # Handler result meaning "completion will be pushed later by the device".
 PENDING = -1
@@ -108,6 +112,8 @@ class SplitVirtqueue:
         self._batch: list[int] = []  # heads whose used entries are not yet published
         self._signalled_used = 0
         self._signalled_valid = False
+        self.dirty_log: DirtyLog | None = None  # set while QEMU migrates (LOG_ALL)
+        self._pending_writes: dict[int, list[tuple[int, int]]] = {}
         self.requests = 0  # statistics: chains completed
         self._resubmit: list[int] = []
 
@@ -263,6 +269,8 @@ class SplitVirtqueue:
                 # Ask for a kick at the next entry, then look once more: the driver
                 # may have added one before it could see the new avail_event.
                 _u16_pack(self.used, self._avail_event_off, self.last_avail_idx)
+                if self.dirty_log is not None and self.addr_flags & VHOST_VRING_F_LOG_MASK:
+                    self.dirty_log.mark(self.log_addr + self._avail_event_off, 2)
                 full_barrier()
                 if _u16_unpack(avail, 2)[0] == self.last_avail_idx:
                     return
@@ -270,21 +278,36 @@ class SplitVirtqueue:
             if pending > num:
                 raise RingError(f"avail index jumped from {self.last_avail_idx} to {avail_idx} "
                                 f"on a queue of {num}")
+            dirty_log = self.dirty_log
             for _ in range(pending):
                 slot = 4 + 2 * (self.last_avail_idx % num)
                 head = _u16_unpack(avail, slot)[0]
                 if head >= num:
                     raise RingError(f"available head {head} is not below queue size {num}")
-                readable, writable = walk(head)
+                if dirty_log is None:
+                    readable, writable = walk(head)
+                else:
+                    written: list[tuple[int, int]] = []
+                    readable, writable = walk(head, written)
                 self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
                 if inflight is not None:
                     inflight.take(head)
                 n = handler(head, readable, writable)
+                if dirty_log is not None:
+                    if n >= 0:
+                        for gpa, length in written:
+                            dirty_log.mark(gpa, length)
+                    else:
+                        self._pending_writes[head] = written
                 if n >= 0:
                     push(head, n)
 
-    def _walk(self, head: int) -> tuple[list[memoryview], list[memoryview]]:
-        """Resolve a descriptor chain into readable and writable buffer views."""
+    def _walk(self, head: int, written: list[tuple[int, int]] | None = None
+              ) -> tuple[list[memoryview], list[memoryview]]:
+        """Resolve a descriptor chain into readable and writable buffer views.
+
+        With ``written``, also collect the guest-physical ranges the device may
+        write, for the dirty log."""
         table = self.desc
         table_len = self.size
         gpa_iov = self.memory.gpa_iov  # type: ignore[union-attr]
@@ -322,6 +345,8 @@ class SplitVirtqueue:
             try:
                 if flags & VIRTQ_DESC_F_WRITE:
                     gpa_iov(addr, length, writable)
+                    if written is not None:
+                        written.append((addr, length))
                 else:
                     if writable:
                         raise RingError(f"chain at head {head}: readable descriptor after a "
@@ -348,8 +373,12 @@ class SplitVirtqueue:
 
     def complete(self, head: int, length: int) -> None:
         """Completion of a PENDING request: push, publish and signal."""
+        written = self._pending_writes.pop(head, None)
         if not self.started or self.broken or self.used is None:
             return
+        if written and self.dirty_log is not None:
+            for gpa, n in written:
+                self.dirty_log.mark(gpa, n)
         self.push_used(head, length)
         self._publish()
 
@@ -361,6 +390,9 @@ class SplitVirtqueue:
         new = self.used_idx
         # x86-64 keeps stores in order, so the used entries are visible before idx.
         _u16_pack(self.used, 2, new)
+        if self.dirty_log is not None and self.addr_flags & VHOST_VRING_F_LOG_MASK:
+            # Entries, idx and avail_event all live in the used ring.
+            self.dirty_log.mark(self.log_addr, used_ring_size(self.size))
         if self.inflight is not None:
             self.inflight.completed(batch, new)
         self._batch = []
@@ -417,8 +449,15 @@ class SplitVirtqueue:
             for head in heads:
                 if head >= self.size:
                     raise RingError(f"inflight head {head} is not below queue size")
-                readable, writable = self._walk(head)
+                written: list[tuple[int, int]] = []
+                readable, writable = self._walk(head, written)
                 n = self.handler(head, readable, writable)
+                if self.dirty_log is not None:
+                    if n >= 0:
+                        for gpa, length in written:
+                            self.dirty_log.mark(gpa, length)
+                    else:
+                        self._pending_writes[head] = written
                 if n >= 0:
                     self.push_used(head, n)
         except RingError as e:
