@@ -1,0 +1,38 @@
+#!/bin/sh
+# A write load with verification that runs while the host migrates the guest.
+# Each round writes a fresh crc32c-tagged pattern and reads it all back; the load
+# ends when the host creates the stop file... which it cannot, so it runs for a
+# fixed time and then verifies once more.
+# Args: [seconds=30] [size per round=16M] [device=vda]
+seconds=${1:-30}
+size=${2:-16M}
+dev=${3:-vda}
+
+echo "LOAD-STARTED"
+start=$(cut -d. -f1 /proc/uptime)
+round=0
+while :; do
+    now=$(cut -d. -f1 /proc/uptime)
+    [ $((now - start)) -ge "$seconds" ] && break
+    round=$((round + 1))
+    # A different seed each round, so stale data from an earlier round cannot pass.
+    fio --name=mig --filename=/dev/"$dev" --rw=randwrite --bs=4k --size="$size" \
+        --ioengine=libaio --direct=1 --iodepth=8 --verify=crc32c --verify_fatal=1 \
+        --randseed=$((round * 7919)) --do_verify=1 >/tmp/fio-mig.log 2>&1
+    rc=$?
+    if [ $rc -ne 0 ]; then
+        cat /tmp/fio-mig.log
+        echo "migrate_load: round $round failed: rc=$rc"
+        exit 1
+    fi
+    echo "LOAD-ROUND $round OK"
+done
+# A last read-only pass over the final round's data.
+fio --name=mig --filename=/dev/"$dev" --rw=randwrite --bs=4k --size="$size" \
+    --ioengine=libaio --direct=1 --iodepth=8 --verify=crc32c --verify_fatal=1 \
+    --randseed=$((round * 7919)) --verify_only >/tmp/fio-final.log 2>&1 || {
+    cat /tmp/fio-final.log
+    echo "migrate_load: final verify failed"
+    exit 1
+}
+echo "migrate_load: $round rounds OK"
