@@ -31,12 +31,14 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from vhostd_proto.virtio_admin import PartType
+from vhostd_proto.virtio_admin import DevPartVqCfg, PartType
 
 from ..engine.parts import decode_parts
 from ..frontend.admin import AdminDriver
 
 Progress = Callable[[str], None]
+STATUS_DRIVER_OK = 0x4
+PROGRESS_INTERVAL = 0.5
 
 
 class MigrationError(Exception):
@@ -87,10 +89,17 @@ def check_members(move: OwnerMove) -> None:
                 raise MigrationError(f"member {m} does not exist (the owner has {n})")
         if move.source == move.dest:
             raise MigrationError("source and destination member are the same")
+        # Busy: a driver has the member running with a ring enabled. A member whose
+        # front end left, or that a previous migration stopped, is free.
+        driver_ok = enabled = False
         for part in decode_parts(admin.parts_get(move.dest)):
-            if part.part_type == PartType.VIRTIO_DEV_PART_DEVICE_STATUS and part.value[0] & 4:
-                raise MigrationError(f"destination member {move.dest} is busy: a driver "
-                                     f"has it running")
+            if part.part_type == PartType.VIRTIO_DEV_PART_DEVICE_STATUS:
+                driver_ok = bool(part.value[0] & STATUS_DRIVER_OK)
+            elif part.part_type == PartType.VIRTIO_DEV_PART_VQ_CFG:
+                enabled |= bool(DevPartVqCfg.parse(part.value).enabled)
+        if driver_ok and enabled:
+            raise MigrationError(f"destination member {move.dest} is busy: a driver has it "
+                                 f"running")
 
 
 def move_parts(move: OwnerMove) -> int:
@@ -145,6 +154,7 @@ async def migrate(source_qmp: str, dest_qmp: str, uri: str, move: OwnerMove | No
         progress(f"migration started to {uri}")
         moved = False
         last = ""
+        shown = 0.0
         while True:
             if time.monotonic() - t0 > timeout:
                 raise MigrationError(f"migration did not finish in {timeout:.0f} s")
@@ -154,7 +164,8 @@ async def migrate(source_qmp: str, dest_qmp: str, uri: str, move: OwnerMove | No
                 summary.statuses.append(status)
                 last = status
             ram = info.get("ram", {})
-            if status == "active":
+            if status == "active" and time.monotonic() - shown >= PROGRESS_INTERVAL:
+                shown = time.monotonic()
                 progress(f"  {status}: {ram.get('transferred', 0) >> 20} MiB sent, "
                          f"{ram.get('remaining', 0) >> 20} MiB left, pass "
                          f"{ram.get('dirty-sync-count', 0)}")
@@ -211,8 +222,11 @@ async def migrate(source_qmp: str, dest_qmp: str, uri: str, move: OwnerMove | No
         finally:
             raise MigrationError(f"{type(e).__name__}: {e}") from e
     finally:
-        await src.disconnect()
-        await dst.disconnect()
+        for qmp in (src, dst):
+            try:
+                await qmp.disconnect()
+            except Exception:  # a QEMU that died closes its QMP socket abruptly
+                pass
 
 
 def main(argv: list[str] | None = None) -> int:

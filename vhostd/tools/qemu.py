@@ -216,6 +216,18 @@ class GuestVM:
         with self._cond:
             return "\n".join(self.lines[-n:])
 
+    def wait_qmp(self, timeout: float = 30.0) -> None:
+        """Wait until QEMU listens on its QMP socket."""
+        if self.qmp is None:
+            raise ValueError("this guest has no QMP socket")
+        deadline = time.monotonic() + timeout
+        while not self.qmp.exists():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise GuestError(f"QEMU exited with {self.proc.returncode}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no QMP socket {self.qmp} after {timeout} s")
+            time.sleep(0.02)
+
     def wait_for(
         self, pattern: str | re.Pattern[str], timeout: float = 60.0, *, from_start: bool = False
     ) -> re.Match[str]:

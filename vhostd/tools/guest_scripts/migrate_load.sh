@@ -1,13 +1,17 @@
 #!/bin/sh
 # A write load with verification that runs while the host migrates the guest.
-# Each round writes a fresh crc32c-tagged pattern and reads it all back; the load
-# ends when the host creates the stop file... which it cannot, so it runs for a
-# fixed time and then verifies once more.
-# Args: [seconds=30] [size per round=16M] [device=vda]
+# Each round writes a fresh crc32c-tagged pattern and reads it all back; after a
+# fixed time the last round's data is verified once more.
+# Args: [seconds=30] [size per round=16M] [device=vda] [wt: switch to writethrough]
 seconds=${1:-30}
 size=${2:-16M}
 dev=${3:-vda}
 
+if [ "$4" = wt ]; then
+    # The driver writes the config's wce byte; the device must keep that mode.
+    echo "write through" >/sys/block/"$dev"/cache_type || exit 1
+fi
+echo "CACHE-TYPE $(cat /sys/block/"$dev"/cache_type)"
 echo "LOAD-STARTED"
 start=$(cut -d. -f1 /proc/uptime)
 round=0

@@ -1,0 +1,174 @@
+"""Live migration of a running guest between vhostd members, with real QEMU 7.2.
+
+The guest writes and verifies with fio the whole time; QEMU copies RAM while vhostd
+logs its writes; at switch-over the owner device moves the member's device parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from vhostd.engine.parts import decode_parts
+from vhostd.frontend.admin import AdminDriver
+from vhostd.tools.guest import GuestImage
+from vhostd.tools.migrate import MigrationError, OwnerMove, migrate
+from vhostd.tools.qemu import GuestVM, VhostUserBlkDisk
+from vhostd_proto.virtio_admin import PartType
+
+pytestmark = pytest.mark.e2e
+TIMEOUT = 300
+MiB = 1 << 20
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    # Short: unix socket paths are limited to 107 bytes.
+    d = Path(tempfile.mkdtemp(prefix="vmig-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class Cluster:
+    """One vhostd with an owner and members, and the QEMUs using them."""
+
+    def __init__(self, workdir: Path, vhostd: Callable[..., object], image: GuestImage,
+                 members: list[str]) -> None:
+        self.dir = workdir
+        self.image = image
+        disk = workdir / "disk.img"
+        with open(disk, "wb") as f:
+            f.truncate(256 * MiB)
+        self.disk = disk
+        args = [f"--member=socket-path={workdir}/m{i}.sock,blk-file={disk}{extra}"
+                for i, extra in enumerate(members, start=1)]
+        self.daemon = vhostd(*args, socket_path=workdir / "owner.sock")
+        self.owner = str(workdir / "owner.sock")
+        self.vms: list[GuestVM] = []
+
+    def boot(self, member: int, script_args: list[str]) -> GuestVM:
+        vm = GuestVM(self.image, [VhostUserBlkDisk(self.dir / f"m{member}.sock")],
+                     run="migrate_load", args=script_args,
+                     qmp=self.dir / f"q{len(self.vms)}.qmp")
+        self.vms.append(vm)
+        return vm.start()
+
+    def incoming(self, member: int, script_args: list[str]) -> tuple[GuestVM, str]:
+        uri = f"unix:{self.dir}/mig{len(self.vms)}.sock"
+        vm = GuestVM(self.image, [VhostUserBlkDisk(self.dir / f"m{member}.sock")],
+                     run="migrate_load", args=script_args,
+                     qmp=self.dir / f"q{len(self.vms)}.qmp", extra_args=["-incoming", uri])
+        self.vms.append(vm)
+        vm.start()
+        vm.wait_qmp()
+        return vm, uri
+
+    def wce(self, member: int) -> int:
+        with AdminDriver(self.owner) as admin:
+            admin.activate()
+            for part in decode_parts(admin.parts_get(member)):
+                if part.part_type == PartType.VHOSTD_BLK_PART_WCE:
+                    return part.value[0]
+        raise AssertionError("no WCE part")
+
+    def close(self) -> None:
+        for vm in self.vms:
+            vm.kill()
+
+
+@pytest.fixture
+def cluster(workdir: Path, vhostd, guest_image: GuestImage, request) -> Iterator[Cluster]:
+    members = getattr(request, "param", ["", ""])
+    c = Cluster(workdir, vhostd, guest_image, members)
+    yield c
+    c.close()
+
+
+def run_migration(c: Cluster, src: GuestVM, dst: GuestVM, uri: str, a: int, b: int,
+                  **kw: object) -> object:
+    lines: list[str] = []
+    summary = asyncio.run(migrate(str(src.qmp), str(dst.qmp), uri, OwnerMove(c.owner, a, b),
+                                  progress=lines.append, **kw))  # type: ignore[arg-type]
+    print("\n".join(lines))
+    return summary
+
+
+def test_migrate_back_and_forth_under_verified_load(cluster: Cluster) -> None:
+    args = ["45", "16M", "vda", "wt"]
+    vm = cluster.boot(1, args)
+    vm.wait_for("CACHE-TYPE write through", TIMEOUT)
+    vm.wait_for("LOAD-ROUND 1 OK", TIMEOUT)
+    assert cluster.wce(1) == 0
+    route = [(1, 2), (2, 1), (1, 2)]
+    for a, b in route:
+        dst, uri = cluster.incoming(b, args)
+        summary = run_migration(cluster, vm, dst, uri, a, b)
+        print(f"{a} -> {b}: total {summary.total_ms} ms, downtime {summary.downtime_ms} ms")
+        assert summary.parts_bytes > 0
+        # The load goes on, verified, on the destination.
+        dst.wait_for(r"LOAD-ROUND \d+ OK", TIMEOUT)
+        # The writethrough mode the guest chose arrived with the parts.
+        assert cluster.wce(b) == 0
+        vm.kill()
+        vm = dst
+    assert vm.wait_result(TIMEOUT), vm.console
+    assert "rounds OK" in vm.console
+    assert "queue stopped" not in cluster.daemon.log
+
+
+@pytest.mark.parametrize("cluster", [["", "", ",num-queues=2"]], indirect=True)
+def test_failed_parts_move_keeps_the_guest_on_the_source(cluster: Cluster) -> None:
+    # Member 3 has two queues: the source's parts (one queue) do not fit, so the
+    # owner's DEV_PARTS_SET fails at switch-over.
+    args = ["25", "8M"]
+    vm = cluster.boot(1, args)
+    vm.wait_for("LOAD-ROUND 1 OK", TIMEOUT)
+    dst, uri = cluster.incoming(3, args)
+    with pytest.raises(MigrationError, match=r"moving device parts failed.*DEV_PARTS_SET.*EINVAL"):
+        run_migration(cluster, vm, dst, uri, 1, 3)
+    dst.kill()
+    # The guest carries on, verified, on member 1.
+    round_now = int(vm.wait_for(r"LOAD-ROUND (\d+) OK", TIMEOUT).group(1))
+    vm.wait_for(rf"LOAD-ROUND {round_now + 1} OK", TIMEOUT)
+    assert vm.wait_result(TIMEOUT), vm.console
+
+
+def test_missing_and_busy_destination_are_refused_before_starting(cluster: Cluster) -> None:
+    args = ["15", "8M"]
+    vm = cluster.boot(1, args)
+    vm.wait_for("LOAD-ROUND 1 OK", TIMEOUT)
+    other = cluster.boot(2, args)  # a second guest keeps member 2 busy
+    other.wait_for("LOAD-ROUND 1 OK", TIMEOUT)
+    dst, uri = cluster.incoming(2, args)
+    with pytest.raises(MigrationError, match="member 5 does not exist"):
+        run_migration(cluster, vm, dst, uri, 1, 5)
+    with pytest.raises(MigrationError, match="destination member 2 is busy"):
+        run_migration(cluster, vm, dst, uri, 1, 2)
+    assert vm.wait_result(TIMEOUT), vm.console
+    assert other.wait_result(TIMEOUT), other.console
+
+
+def test_destination_dying_mid_migration_keeps_the_source(cluster: Cluster) -> None:
+    args = ["20", "8M"]
+    vm = cluster.boot(1, args)
+    vm.wait_for("LOAD-ROUND 1 OK", TIMEOUT)
+    dst, uri = cluster.incoming(2, args)
+
+    def kill_destination(line: str) -> None:
+        print(line)
+        if "active" in line and dst.proc is not None and dst.proc.poll() is None:
+            dst.proc.send_signal(signal.SIGKILL)
+
+    with pytest.raises(MigrationError, match=r"QEMU migration (failed|cancelled)"):
+        asyncio.run(migrate(str(vm.qmp), str(dst.qmp), uri, OwnerMove(cluster.owner, 1, 2),
+                            progress=kill_destination))
+    # The guest keeps writing and verifying on member 1.
+    round_now = int(vm.wait_for(r"LOAD-ROUND (\d+) OK", TIMEOUT).group(1))
+    vm.wait_for(rf"LOAD-ROUND {round_now + 1} OK", TIMEOUT)
+    assert vm.wait_result(TIMEOUT), vm.console
