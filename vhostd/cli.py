@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device serial returned by GET_ID (default: the file name)")
     p.add_argument("--writethrough", action="store_true",
                    help="start with the write cache off (the driver may change it)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="keep each device's driver-set state (write-cache mode) in DIR, so a "
+                        "restarted vhostd resumes it")
     p.add_argument("--pidfile", metavar="PATH",
                    help="write the process id here once the socket listens (readiness)")
     p.add_argument("--log-level", default="info",
@@ -131,7 +134,10 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _blk_device(name: str, path: str, read_only: bool, options: BlkOptions) -> BlkDevice:
+def _blk_device(name: str, path: str, read_only: bool, options: BlkOptions,
+                state_dir: str | None = None) -> BlkDevice:
+    if state_dir:
+        options.state_path = os.path.join(state_dir, f"{name}.json")
     try:
         backend = FileBackend(path, read_only=read_only)
     except OSError as e:
@@ -157,6 +163,8 @@ def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
         raise StartupError("one of --socket-path or --fd is required")
     if not args.blk_file and not args.member:
         raise StartupError("--blk-file is required (or --member for an owner device)")
+    if args.state_dir and not os.path.isdir(args.state_dir):
+        raise StartupError(f"--state-dir {args.state_dir} is not a directory")
     disk = None
     if args.blk_file:
         disk = _blk_device("blk0" if not args.member else "owner-disk", args.blk_file,
@@ -166,7 +174,7 @@ def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
                                logical_block_size=args.logical_block_size,
                                serial=args.serial,
                                writeback=not args.writethrough,
-                           ))
+                           ), args.state_dir)
     endpoints: list[Endpoint] = []
     if not args.member:
         assert disk is not None
@@ -178,7 +186,7 @@ def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
             num_queues=spec.num_queues, queue_size=spec.queue_size,
             logical_block_size=args.logical_block_size, serial=spec.serial,
             writeback=not args.writethrough,
-        ))
+        ), args.state_dir)
         members.append(VhostUserBackend(device, loop))
     owner = VhostUserBackend(OwnerDevice(members, disk), loop)
     try:

@@ -741,6 +741,20 @@ def test_failed_set_keeps_an_earlier_successful_set(active: Admin,
     assert value_of(after, DEVICE_STATUS) == value_of(p, DEVICE_STATUS)
 
 
+@pytest.mark.parametrize(("ptype", "length"), [(VQ_CFG, 32), (VQ_STATE, 8)])
+def test_duplicate_part_with_dirty_selector_reserved_bytes_is_rejected(
+        active: Admin, members: list[VhostUserBackend], ptype: int, length: int) -> None:
+    p = _stopped_member_parts(active, 1)
+    dirty = vq(0)[:2] + b"\x01" + bytes(5)  # queue 0, reserved byte set
+    value = (struct.pack("<HHHHQQQ", 16, 0, 1, 0, 0x1000, 0x2000, 0x3000)
+             if ptype == VQ_CFG else struct.pack("<HHBB2x", 7, 7, 0, 0))
+    assert len(value) == length
+    at = next(i for i, x in enumerate(p) if x[0] == ptype) + 1
+    data = join([*p[:at], (ptype, 0, dirty, value), *p[at:]])
+    assert active.set_parts(1, data) == _field()
+    assert members[0].staged is None
+
+
 def test_unknown_optional_parts_are_ignored(active: Admin,
                                             members: list[VhostUserBackend]) -> None:
     p = _stopped_member_parts(active, 2)
@@ -972,10 +986,16 @@ def test_member_reset_while_frozen(active: Admin, members: list[VhostUserBackend
     assert active.parts(1) == defaults
 
 
-def test_owner_reset_destroys_objects_caps_and_reblocks_opcodes(active: Admin) -> None:
+def test_owner_reset_destroys_objects_caps_and_reblocks_opcodes(
+        active: Admin, members: list[VhostUserBackend]) -> None:
     active.create(1, 0, GET)
     active.create(2, 1, SET)
+    active.mode(2, STOP)
+    p = active.get_all(1, 0)
+    active.ok(PARTS_SET, SRIOV, 2, obj_hdr(1) + p)
     active.c.reset()
+    # member modes and staged parts are member state: they stay (docs 3, owner reset)
+    assert members[1].mode is MemberMode.STOPPED and members[1].staged is not None
     for op, group in ((MODE_SET, SRIOV), (DESTROY, SRIOV), (CAP_ID_LIST_QUERY, SELF),
                       (CAP_ID_LIST_QUERY, SRIOV)):
         active.err((EINVAL, Q_INVALID_OPCODE), op, group, 1 if group else 0, obj_hdr(0))

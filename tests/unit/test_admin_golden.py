@@ -164,6 +164,20 @@ CASES: list[tuple[str, Construct, dict[str, Any], str, int | None]] = [
       "used_wrap_counter": 0x80, "reserved": h("abcd")},
      "0000 0000 01 80 abcd", 8),
     ("vhostd-blk-wce", va.VhostdBlkWce, {"wce": 1}, "01", 1),
+    # the test vectors of docs/admin-over-vhost-user.md section 6
+    ("doc-list-query-group-1", va.AdminCmdHdr,
+     {"opcode": 0, "group_type": 1, "reserved1": bytes(12), "group_member_id": 0},
+     "0000010000000000 0000000000000000 0000000000000000", 24),
+    ("doc-create-get-data", va.ResourceObjCreateData,
+     {"hdr": {"type": 0, "reserved": bytes(2), "id": 0}, "flags": 0,
+      "resource_obj_specific_data": bytes(8)},
+     "0000000000000000 0000000000000000 0000000000000000", None),
+    ("doc-vendor-parts", va.DevParts,
+     [{"hdr": {"part_type": 0x5F0, "flags": 0, "reserved": 0, "selector": bytes(8),
+               "length": 8}, "value": h("3412341200000000")},
+      {"hdr": WCE_HDR, "value": h("00")}],
+     "f005000000000000 0000000008000000 3412341200000000"
+     " f105000000000000 0000000001000000 00", None),
 ]
 
 _PARAMS = [pytest.param(c, f, h(g), id=i) for i, c, f, g, _ in CASES]
@@ -279,3 +293,32 @@ def test_engine_part_codec_matches_golden() -> None:
     assert decode_parts(golden) == parts
     assert parts[1].header() == h(VQ_CFG_HDR_HEX.replace(" ", ""))
     assert parts[1].vq_index == 3
+
+
+def test_documented_parts_vector_decodes() -> None:
+    """docs/admin-over-vhost-user.md section 6: GET(ALL) of a one-queue blk member after 50
+    requests, decoded with the constructs field by field."""
+    blob = h("00010100000000000000000008000000 467e003001000000"
+             "01010000000000000000000008000000 466e003001000000"
+             "02010000120000000000000002000000 0100"
+             "03010000000000000000000001000000 0f"
+             "04010000000000000000000020000000 8000000001000000 0000000000000000"
+             " 0008000000000000 0809000000000000"
+             "05010000000000000000000008000000 0000000000000000"
+             "f0050000000000000000000008000000 3200320000000000"
+             "f1050000000000000000000001000000 01".replace(" ", ""))
+    assert len(blob) == 196
+    parts = va.DevParts.parse(blob)
+    assert [(p.hdr.part_type, p.hdr.flags, p.hdr.length) for p in parts] == [
+        (0x100, 1, 8), (0x101, 0, 8), (0x102, 0, 2), (0x103, 0, 1), (0x104, 0, 32),
+        (0x105, 0, 8), (0x5F0, 0, 8), (0x5F1, 0, 1)]
+    assert va.DevPartFeatures.parse(parts[0].value).feature_bits == [0x130007E46]
+    assert va.DevPartFeatures.parse(parts[1].value).feature_bits == [0x130006E46]
+    assert va.PciCommonCfgSelector.parse(parts[2].hdr.selector).offset == 18
+    cfg = plain(va.DevPartVqCfg.parse(parts[4].value))
+    assert cfg == {"queue_size": 128, "vector": 0, "enabled": 1, "reserved": 0,
+                   "queue_desc": 0, "queue_driver": 0x800, "queue_device": 0x908}
+    assert plain(va.VhostdVqState.parse(parts[6].value))["last_avail_idx"] == 50
+    assert va.DevParts.build(parts) == blob
+    assert decode_parts(blob) == [Part(p.hdr.part_type, p.hdr.flags, p.hdr.selector, p.value)
+                                  for p in parts]

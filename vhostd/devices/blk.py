@@ -7,6 +7,7 @@ straight between guest memory and the backing file, and writes the status byte.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import struct
@@ -59,6 +60,9 @@ class BlkOptions:
     logical_block_size: int = 512
     serial: str = ""
     writeback: bool = True  # initial write-cache mode (the driver can change it)
+    # Where the device keeps the state a driver changed (wce), so a restarted daemon
+    # serves the guest in the mode it chose: QEMU does not send it again.
+    state_path: str | None = None
 
 
 class BlkDevice:
@@ -81,6 +85,7 @@ class BlkDevice:
         self.num_queues = options.num_queues
         self.max_queue_size = options.queue_size
         self.wce = 1 if options.writeback else 0
+        self._load_state()
         self.capacity = backend.size() // SECTOR
         serial = options.serial or os.path.basename(getattr(backend, "path", name))
         self.serial = serial.encode()[:VIRTIO_BLK_ID_BYTES]
@@ -139,18 +144,53 @@ class BlkDevice:
                              f"field")
         if data[0] not in (0, 1):
             raise ValueError(f"wce value {data[0]} is not 0 or 1")
-        if self.wce != data[0]:
-            log.info("%s: write cache %s", self.name,
-                     "writeback" if data[0] else "writethrough")
-            if not data[0]:
-                self.backend.flush()
-        self.wce = data[0]
+        self._set_wce(data[0])
 
     def features_acked(self, features: int) -> None:
         pass
 
     def reset(self) -> None:
-        self.wce = 1 if self.options.writeback else 0
+        self._set_wce(1 if self.options.writeback else 0)
+
+    def _set_wce(self, wce: int) -> None:
+        if self.wce == wce:
+            return
+        log.info("%s: write cache %s", self.name, "writeback" if wce else "writethrough")
+        if not wce:
+            self.backend.flush()  # what was cached must be stable before writethrough
+        self.wce = wce
+        self._save_state()
+
+    def _load_state(self) -> None:
+        path = self.options.state_path
+        if not path or not os.path.exists(path):
+            return
+        try:
+            with open(path) as f:
+                state = json.load(f)
+            wce = int(state["wce"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"unreadable state file {path}: {e}") from e
+        if wce not in (0, 1):
+            raise ValueError(f"state file {path}: wce {wce} is not 0 or 1")
+        self.wce = wce
+        log.info("%s: write cache %s (from %s)", self.name,
+                 "writeback" if wce else "writethrough", path)
+
+    def _save_state(self) -> None:
+        path = self.options.state_path
+        if not path:
+            return
+        tmp = f"{path}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"wce": self.wce}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # a crash leaves the old or the new state, never half
+        except OSError as e:
+            log.error("%s: cannot save state to %s: %s; a restart would lose it", self.name,
+                      path, e)
 
     def disconnected(self) -> None:
         pass  # config (wce) belongs to the device and outlives a front end
@@ -171,9 +211,7 @@ class BlkDevice:
 
     def apply_part(self, part_type: int, value: bytes) -> None:
         if part_type == PartType.VHOSTD_BLK_PART_WCE:
-            if self.wce and not value[0]:
-                self.backend.flush()
-            self.wce = value[0]
+            self._set_wce(value[0])
 
     def refresh_capacity(self) -> bool:
         """Re-read the backing size; True if the capacity changed."""

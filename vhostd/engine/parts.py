@@ -193,7 +193,7 @@ def check(backend: VhostUserBackend, parts: list[Part]) -> StagedParts:
     staged = StagedParts()
     device_types = dict(dev.part_lengths())
     rank = -1
-    seen: set[tuple[int, bytes]] = set()
+    seen: set[tuple[int, int]] = set()
     for part in parts:
         ptype = part.part_type
         name = part_name(ptype)
@@ -209,7 +209,9 @@ def check(backend: VhostUserBackend, parts: list[Part]) -> StagedParts:
         if r < rank:
             raise PartsError(f"{name} is out of order")
         rank = r
-        key = (ptype, part.selector if ptype in _SELECTED else _NO_SELECTOR)
+        key = (ptype, _selector_key(ptype, part.selector))
+        if ptype in _SELECTED and part.selector != _canonical_selector(ptype, key[1]):
+            raise PartsError(f"{name}: reserved selector bytes are not zero")
         if key in seen:
             raise PartsError(f"{name} appears twice")
         seen.add(key)
@@ -291,9 +293,22 @@ def _check_one(backend: VhostUserBackend, part: Part, staged: StagedParts) -> No
         staged.device[ptype] = part.value
 
 
+def _selector_key(ptype: int, selector: bytes) -> int:
+    """What a selector selects: a common-config offset, a queue index, or nothing."""
+    if ptype == P.VIRTIO_DEV_PART_PCI_COMMON_CFG:
+        return struct.unpack_from("<I", selector)[0]
+    if ptype in _SELECTED:
+        return _U16.unpack_from(selector)[0]
+    return 0
+
+
+def _canonical_selector(ptype: int, key: int) -> bytes:
+    if ptype == P.VIRTIO_DEV_PART_PCI_COMMON_CFG:
+        return struct.pack("<I4x", key)
+    return vq_selector(key)
+
+
 def select(parts: list[Part], wanted: list[Part]) -> list[Part]:
     """DEV_PARTS_GET SELECTED: the parts named by type (and selector, where it selects)."""
-    keys = {(w.part_type, w.selector if w.part_type in _SELECTED else _NO_SELECTOR)
-            for w in wanted}
-    return [p for p in parts
-            if (p.part_type, p.selector if p.part_type in _SELECTED else _NO_SELECTOR) in keys]
+    keys = {(w.part_type, _selector_key(w.part_type, w.selector)) for w in wanted}
+    return [p for p in parts if (p.part_type, _selector_key(p.part_type, p.selector)) in keys]

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except AdminCommandError as e:
         print(f"vhostd-admin: {e}", file=sys.stderr)
         return 1
-    except (OSError, PartsError, RuntimeError, TimeoutError) as e:
+    except (OSError, PartsError, RuntimeError, TimeoutError, ValueError) as e:
         print(f"vhostd-admin: {e}", file=sys.stderr)
         return 1
 

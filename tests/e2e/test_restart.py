@@ -1,0 +1,56 @@
+"""kill -9 vhostd while a real guest writes; restart it; QEMU reconnects; nothing lost."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vhostd.tools.guest import GuestImage
+from vhostd.tools.qemu import GuestVM, VhostUserBlkDisk
+
+pytestmark = pytest.mark.e2e
+TIMEOUT = 300
+KILLS = 10
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="vkill-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_kill_9_under_write_load_ten_times(guest_image: GuestImage, workdir: Path,
+                                           vhostd, sparse_image) -> None:
+    image = sparse_image(256 << 20)
+    state = workdir / "state"
+    state.mkdir()
+    sock = workdir / "blk.sock"
+    args = (f"--blk-file={image}", f"--state-dir={state}")
+    daemon = vhostd(*args, socket_path=sock)
+    # The guest switches to writethrough, then writes and verifies in rounds.
+    with GuestVM(guest_image, [VhostUserBlkDisk(sock, reconnect=1)], run="migrate_load",
+                 args=["60", "8M", "vda", "wt"]) as vm:
+        vm.wait_for("CACHE-TYPE write through", TIMEOUT)
+        vm.wait_for("LOAD-ROUND 1 OK", TIMEOUT)
+        assert json.loads((state / "blk0.json").read_text()) == {"wce": 0}
+        for i in range(KILLS):
+            # Somewhere inside a round: requests are in flight.
+            time.sleep(0.3 + 0.17 * i)
+            daemon.signal(signal.SIGKILL)
+            daemon.proc.wait(10)
+            daemon = vhostd(*args, socket_path=sock)
+            # Each run: after the restart, a new round writes and verifies.
+            m = vm.wait_for(r"LOAD-ROUND (\d+) OK", TIMEOUT)
+            print(f"kill {i + 1}: round {m.group(1)} verified after the restart")
+            assert "write cache writethrough (from" in daemon.log
+        assert vm.wait_result(TIMEOUT), vm.console
+        assert re.search(r"migrate_load: \d+ rounds OK", vm.console)
