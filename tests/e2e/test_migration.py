@@ -19,6 +19,7 @@ from vhostd.engine.parts import decode_parts
 from vhostd.frontend.admin import AdminDriver
 from vhostd.tools.guest import GuestImage
 from vhostd.tools.migrate import MigrationError, OwnerMove, migrate
+from vhostd.tools.parts_stream import read_records
 from vhostd.tools.qemu import GuestVM, VhostUserBlkDisk
 from vhostd_proto.virtio_admin import PartType
 
@@ -172,3 +173,46 @@ def test_destination_dying_mid_migration_keeps_the_source(cluster: Cluster) -> N
     round_now = int(vm.wait_for(r"LOAD-ROUND (\d+) OK", TIMEOUT).group(1))
     vm.wait_for(rf"LOAD-ROUND {round_now + 1} OK", TIMEOUT)
     assert vm.wait_result(TIMEOUT), vm.console
+
+
+def test_migrate_between_two_daemons_through_a_parts_stream(workdir: Path, vhostd,
+                                                            guest_image: GuestImage) -> None:
+    disk = workdir / "shared.img"
+    with open(disk, "wb") as f:
+        f.truncate(256 * MiB)
+    owners = []
+    for host in ("a", "b"):
+        vhostd(f"--member=socket-path={workdir}/{host}1.sock,blk-file={disk}",
+               socket_path=workdir / f"{host}-owner.sock")
+        owners.append(str(workdir / f"{host}-owner.sock"))
+    args = ["25", "8M", "vda", "wt"]
+    src = GuestVM(guest_image, [VhostUserBlkDisk(workdir / "a1.sock")], run="migrate_load",
+                  args=args, qmp=workdir / "src.qmp")
+    uri = f"unix:{workdir}/mig.sock"
+    dst = GuestVM(guest_image, [VhostUserBlkDisk(workdir / "b1.sock")], run="migrate_load",
+                  args=args, qmp=workdir / "dst.qmp", extra_args=["-incoming", uri])
+    stream = workdir / "parts.stream"
+    try:
+        src.start()
+        src.wait_for("LOAD-ROUND 1 OK", TIMEOUT)
+        dst.start()
+        dst.wait_qmp()
+        move = OwnerMove(owners[0], 1, 1, dest_owner_socket=owners[1],
+                         stream_path=str(stream))
+        lines: list[str] = []
+        summary = asyncio.run(migrate(str(src.qmp), str(dst.qmp), uri, move,
+                                      progress=lines.append))
+        print("\n".join(lines))
+        assert summary.parts_bytes > 0
+        dst.wait_for(r"LOAD-ROUND \d+ OK", TIMEOUT)
+        assert dst.wait_result(TIMEOUT), dst.console
+    finally:
+        src.kill()
+        dst.kill()
+    # The stream is one DEVICE_DATA record holding the source member's parts.
+    with open(stream, "rb") as f:
+        records = list(read_records(f))
+    assert len(records) == 1 and len(records[0].data) == summary.parts_bytes
+    wce = [p for p in decode_parts(records[0].data)
+           if p.part_type == PartType.VHOSTD_BLK_PART_WCE]
+    assert wce[0].value == b"\x00"

@@ -7,6 +7,8 @@
     vhostd-admin --socket-path=OWNER.sock parts-set 2 -i state.bin
     vhostd-admin parts-show state.bin
     vhostd-admin --socket-path=OWNER.sock move 1 2
+    vhostd-admin --socket-path=OWNER1.sock export 1 -o stream.bin   # to another vhostd
+    vhostd-admin --socket-path=OWNER2.sock import 1 -i stream.bin
 
 A parts file holds exactly what DEV_PARTS_GET returned: the member's device parts,
 back to back (docs/admin-over-vhost-user.md). Errors name the command, the status
@@ -25,6 +27,8 @@ from vhostd_proto.virtio_admin import PartType as P
 
 from ..engine.parts import Part, PartsError, decode_parts
 from ..frontend.admin import AdminCommandError, AdminDriver
+from .migrate import export_parts, import_parts
+from .parts_stream import StreamError, read_records
 
 _STATUS_BITS = [(1, "ACKNOWLEDGE"), (2, "DRIVER"), (4, "DRIVER_OK"), (8, "FEATURES_OK"),
                 (0x40, "NEEDS_RESET"), (0x80, "FAILED")]
@@ -83,8 +87,14 @@ def _connect(args: argparse.Namespace) -> AdminDriver:
 def run(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd == "parts-show":
-        data = Path(args.file).read_bytes()
-        for part in decode_parts(data):
+        if args.stream:
+            with open(args.file, "rb") as f:
+                for i, record in enumerate(read_records(f), start=1):
+                    print(f"record {i}: device data, {len(record.data)} bytes")
+                    for part in decode_parts(record.data):
+                        print("  " + describe_part(part))
+            return 0
+        for part in decode_parts(Path(args.file).read_bytes()):
             print(describe_part(part))
         return 0
     with _connect(args) as d:
@@ -104,6 +114,13 @@ def run(args: argparse.Namespace) -> int:
             data = Path(args.input).read_bytes()
             d.parts_set(args.member, data)
             print(f"member {args.member}: {len(data)} bytes of parts set (applied at resume)")
+        elif cmd == "export":
+            size = export_parts(d, args.member, args.output)
+            print(f"member {args.member}: stopped; {size} bytes of parts written as a parts "
+                  f"stream to {args.output}")
+        elif cmd == "import":
+            n = import_parts(d, args.member, args.input)
+            print(f"member {args.member}: {n} record(s) applied; member resumed")
         elif cmd == "move":
             parts = d.move(args.source, args.dest, freeze=args.freeze)
             print(f"moved {len(parts)} bytes of parts from member {args.source} to member "
@@ -130,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-i", "--input", required=True)
     sp = sub.add_parser("parts-show", help="decode a parts file")
     sp.add_argument("file")
+    sp.add_argument("--stream", action="store_true", help="the file is a parts stream "
+                    "(from export)")
+    sp = sub.add_parser("export", help="stop a member and write its parts as a parts stream "
+                        "(for another vhostd)")
+    sp.add_argument("member", type=int)
+    sp.add_argument("-o", "--output", required=True)
+    sp = sub.add_parser("import", help="apply a parts stream to a member and resume it")
+    sp.add_argument("member", type=int)
+    sp.add_argument("-i", "--input", required=True)
     sp = sub.add_parser("move", help="stop SOURCE, move its parts into DEST, resume DEST")
     sp.add_argument("source", type=int)
     sp.add_argument("dest", type=int)
@@ -145,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except AdminCommandError as e:
         print(f"vhostd-admin: {e}", file=sys.stderr)
         return 1
-    except (OSError, PartsError, RuntimeError, TimeoutError, ValueError) as e:
+    except (OSError, PartsError, RuntimeError, TimeoutError, ValueError, StreamError) as e:
         print(f"vhostd-admin: {e}", file=sys.stderr)
         return 1
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,7 +36,8 @@ from qemu.qmp import QMPClient
 from vhostd_proto.virtio_admin import DevPartVqCfg, PartType
 
 from ..engine.parts import decode_parts
-from ..frontend.admin import AdminDriver
+from ..frontend.admin import SET, AdminDriver
+from .parts_stream import StreamError, read_records, write_record
 
 Progress = Callable[[str], None]
 STATUS_DRIVER_OK = 0x4
@@ -72,23 +75,40 @@ class Summary:
 
 @dataclass
 class OwnerMove:
-    """Where the device state goes through an owner device."""
+    """Where the device state goes: from a member of one owner to a member of the same
+    owner, or of another owner (another vhostd) through a parts stream."""
 
     owner_socket: str
     source: int
     dest: int
+    dest_owner_socket: str | None = None  # None: the same owner
+    stream_path: str | None = None  # where the parts stream goes between two owners
+
+    @property
+    def dest_owner(self) -> str:
+        return self.dest_owner_socket or self.owner_socket
+
+    @property
+    def same_owner(self) -> bool:
+        return self.dest_owner == self.owner_socket
+
+
+def _count(owner: str) -> int:
+    with AdminDriver(owner) as admin:
+        admin.activate()
+        return admin.member_count()
 
 
 def check_members(move: OwnerMove) -> None:
     """Before anything starts: both members exist and the destination is idle."""
-    with AdminDriver(move.owner_socket) as admin:
+    for m, owner in ((move.source, move.owner_socket), (move.dest, move.dest_owner)):
+        n = _count(owner)
+        if not 1 <= m <= n:
+            raise MigrationError(f"member {m} does not exist (the owner at {owner} has {n})")
+    if move.same_owner and move.source == move.dest:
+        raise MigrationError("source and destination member are the same")
+    with AdminDriver(move.dest_owner) as admin:
         admin.activate()
-        n = admin.member_count()
-        for m in (move.source, move.dest):
-            if not 1 <= m <= n:
-                raise MigrationError(f"member {m} does not exist (the owner has {n})")
-        if move.source == move.dest:
-            raise MigrationError("source and destination member are the same")
         # Busy: a driver has the member running with a ring enabled. A member whose
         # front end left, or that a previous migration stopped, is free.
         driver_ok = enabled = False
@@ -104,18 +124,59 @@ def check_members(move: OwnerMove) -> None:
 
 def move_parts(move: OwnerMove) -> int:
     """The switch-over step: A's parts into B, B resumed. Returns the parts size."""
-    with AdminDriver(move.owner_socket) as admin:
-        admin.activate()
-        try:
-            return len(admin.move(move.source, move.dest))
-        except BaseException:
-            # Leave A able to run again; B goes back to running as it was.
-            for m in (move.source, move.dest):
-                try:
-                    admin.resume(m)
-                except Exception:
-                    pass
-            raise
+    try:
+        if move.same_owner:
+            with AdminDriver(move.owner_socket) as admin:
+                admin.activate()
+                return len(admin.move(move.source, move.dest))
+        stream = move.stream_path
+        if stream is None:
+            with tempfile.NamedTemporaryFile(prefix="vhostd-parts-", delete=False) as f:
+                stream = f.name
+        with AdminDriver(move.owner_socket) as admin:
+            admin.activate()
+            size = export_parts(admin, move.source, stream)
+        with AdminDriver(move.dest_owner) as admin:
+            admin.activate()
+            import_parts(admin, move.dest, stream)
+        if move.stream_path is None:
+            os.unlink(stream)
+        return size
+    except BaseException:
+        # Leave A able to run again; B goes back to running as it was.
+        for m, owner in ((move.source, move.owner_socket), (move.dest, move.dest_owner)):
+            try:
+                resume_member(owner, m)
+            except Exception:
+                pass
+        raise
+
+
+def export_parts(admin: AdminDriver, member: int, path: str) -> int:
+    """Stop ``member`` and write its parts to a parts stream; it stays stopped."""
+    admin.stop(member)
+    parts = admin.parts_get(member)
+    with open(path, "wb") as f:
+        write_record(f, parts)
+    return len(parts)
+
+
+def import_parts(admin: AdminDriver, member: int, path: str) -> int:
+    """Stop ``member``, apply every record of a parts stream, resume it."""
+    admin.stop(member)
+    obj = admin.create_object(member, SET)
+    n = 0
+    try:
+        with open(path, "rb") as f:
+            for record in read_records(f):
+                admin.parts_set_obj(member, obj, record.data)
+                n += 1
+    finally:
+        admin.destroy_object(member, obj)
+    if not n:
+        raise StreamError(f"{path} holds no device-data record")
+    admin.resume(member)
+    return n
 
 
 def resume_member(owner_socket: str, member: int) -> None:
@@ -239,13 +300,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--owner", help="owner device socket: move device parts at switch-over")
     p.add_argument("--source-member", type=int, help="member the guest runs on now")
     p.add_argument("--dest-member", type=int, help="member the destination QEMU uses")
+    p.add_argument("--dest-owner", help="owner socket of the destination member when it "
+                   "lives in another vhostd (default: --owner)")
+    p.add_argument("--parts-stream", help="file the parts stream goes through between two "
+                   "owners (default: a temporary file)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = p.parse_args(argv)
     move = None
     if args.owner:
         if not args.source_member or not args.dest_member:
             p.error("--owner needs --source-member and --dest-member")
-        move = OwnerMove(args.owner, args.source_member, args.dest_member)
+        move = OwnerMove(args.owner, args.source_member, args.dest_member, args.dest_owner,
+                         args.parts_stream)
     try:
         summary = asyncio.run(migrate(args.source_qmp, args.dest_qmp, args.uri, move,
                                       incoming_defer=args.incoming_defer))
