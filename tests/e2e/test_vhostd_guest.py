@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,3 +110,12 @@ def test_resize_seen_by_guest(guest_image, sock, sparse_image, vhostd) -> None:
         assert int(m.group(1)) == 96 * MiB // 512
         assert vm.wait_result(TIMEOUT), vm.console
     assert "capacity 131072 -> 196608 sectors" in d.log
+
+
+def test_readme_demo_runs(tmp_path: Path) -> None:
+    """The README's main command ends in the demo tool: it must pass end to end."""
+    r = subprocess.run([sys.executable, "-m", "vhostd.tools.demo", "--seconds", "8"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "PASS: every round verified" in r.stdout
+    assert re.search(r"downtime\s+\d+ ms", r.stdout)

@@ -264,6 +264,7 @@ class VhostUserBackend:
         old, self.dirty_log = self.dirty_log, new
         self._update_logging()
         if old is not None:
+            self.log.info("dirty log: %d page marks made", old.marked)
             old.close()
 
     def _update_logging(self) -> None:

@@ -28,6 +28,7 @@ class DirtyLog:
         self.bitmap = memoryview(self.mm)[mmap_offset:mmap_offset + mmap_size]
         self.size = mmap_size
         self.pages = mmap_size * 8
+        self.marked = 0  # page marks made (a page written twice counts twice)
         self._warned = False
 
     def mark(self, gpa: int, length: int) -> None:
@@ -45,6 +46,7 @@ class DirtyLog:
             if first >= self.pages:
                 return
             last = self.pages - 1
+        self.marked += last - first + 1
         if first == last:
             bitmap[first >> 3] |= 1 << (first & 7)
             return

@@ -82,9 +82,13 @@ class GuestVM:
         smp: int = 2,
         quiet: bool = True,
         qemu: str = "qemu-system-x86_64",
+        readconfig: Path | str | None = None,
     ) -> None:
         self.image = image
         self.disks = list(disks)
+        # A QEMU configuration file (qemu-configs/) that describes machine, memory and
+        # disks instead of the arguments built here.
+        self.readconfig = Path(readconfig) if readconfig is not None else None
         self.memory_mib = _memory_mib(memory)
         self.run = run
         self.args = [str(a) for a in args]
@@ -120,6 +124,14 @@ class GuestVM:
         return " ".join(parts)
 
     def cmdline(self) -> list[str]:
+        if self.readconfig is not None:
+            cmd = [self.qemu, "-readconfig", str(self.readconfig), "-smp", str(self.smp),
+                   "-nodefaults", "-nographic", "-no-reboot", "-display", "none",
+                   "-monitor", "none", "-serial", "stdio", "-kernel", str(self.image.kernel),
+                   "-initrd", str(self.image.initrd), "-append", self.kernel_cmdline()]
+            if self.qmp is not None:
+                cmd += ["-qmp", f"unix:{self.qmp},server=on,wait=off"]
+            return cmd + self.extra_args
         mem = f"{self.memory_mib}M"
         cmd = [
             self.qemu,
