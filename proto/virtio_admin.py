@@ -41,6 +41,14 @@ class AdminCmd(enum.IntEnum):
     VIRTIO_ADMIN_CMD_DEV_MODE_SET = 0x11
 
 
+class VhostdAdminCmd(enum.IntEnum):
+    """vhostd vendor commands (device-side dirty page tracking), SR-IOV group."""
+
+    VHOSTD_ADMIN_CMD_DIRTY_TRACK_START = 0x30
+    VHOSTD_ADMIN_CMD_DIRTY_TRACK_REPORT = 0x31
+    VHOSTD_ADMIN_CMD_DIRTY_TRACK_STOP = 0x32
+
+
 class AdminStatus(enum.IntEnum):
     VIRTIO_ADMIN_STATUS_OK = 0
     VIRTIO_ADMIN_STATUS_ENXIO = 6
@@ -250,3 +258,28 @@ VhostdVqState = Struct(
 
 # vhostd vendor part VHOSTD_BLK_PART_WCE (no selector): the virtio-blk config byte.
 VhostdBlkWce = Struct("wce" / Int8ul)
+
+
+# vhostd vendor dirty tracking (docs/admin-over-vhost-user.md).
+VHOSTD_DIRTY_TRACK_REPORT_F_CLEAR = 0  # bit number
+
+DirtyTrackRange = Struct(
+    "gpa" / Int64ul,
+    "length" / Int64ul,
+)
+
+DirtyTrackStartData = Struct(
+    "page_size" / Int32ul,
+    "num_ranges" / Int32ul,
+    "ranges" / DirtyTrackRange[this.num_ranges],
+)
+
+DirtyTrackReportData = Struct(
+    "flags" / Int32ul,
+    "reserved" / Bytes(4),
+)
+
+DirtyTrackReportHdr = Struct(
+    "page_size" / Int32ul,
+    "num_ranges" / Int32ul,
+)

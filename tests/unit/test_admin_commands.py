@@ -61,7 +61,8 @@ OPTIONAL = 0x01
 # Linux's VIRTIO_DEV_PARTS_ADMIN_CMD_BITMAP: bits 7, 8, 9, 0xa, 0xd, 0xe, 0xf, 0x10, 0x11.
 LINUX_BITMAP = sum(1 << op for op in (7, 8, 9, 0xA, 0xD, 0xE, 0xF, 0x10, 0x11))
 # Everything vhostd supports on group 1 (adds 0, 1, 0xb, 0xc) and on group 0.
-SRIOV_SUPPORTED = LINUX_BITMAP | 1 << 0 | 1 << 1 | 1 << 0xB | 1 << 0xC
+# The spec's opcodes plus vhostd's vendor dirty-tracking commands 0x30-0x32.
+SRIOV_SUPPORTED = LINUX_BITMAP | 1 << 0 | 1 << 1 | 1 << 0xB | 1 << 0xC | 7 << 0x30
 SELF_SUPPORTED = sum(1 << op for op in (0, 1, 7, 8, 9))
 
 # What a vhostd blk member offers (virtio bits only): SIZE_MAX 1, SEG_MAX 2, BLK_SIZE 6,
@@ -354,7 +355,7 @@ def test_sriov_group_without_members_is_invalid_group() -> None:
 
 def test_list_query_reports_supported_opcodes_per_group(admin: Admin) -> None:
     res = admin.ok(LIST_QUERY, SRIOV, capacity=8)
-    assert res == SRIOV_SUPPORTED.to_bytes(8, "little") == bytes.fromhex("83ff030000000000")
+    assert res == SRIOV_SUPPORTED.to_bytes(8, "little") == bytes.fromhex("83ff030000000700")
     assert admin.ok(LIST_QUERY, SELF) == SELF_SUPPORTED.to_bytes(8, "little")
 
 

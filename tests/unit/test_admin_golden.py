@@ -164,6 +164,18 @@ CASES: list[tuple[str, Construct, dict[str, Any], str, int | None]] = [
       "used_wrap_counter": 0x80, "reserved": h("abcd")},
      "0000 0000 01 80 abcd", 8),
     ("vhostd-blk-wce", va.VhostdBlkWce, {"wce": 1}, "01", 1),
+    # vhostd vendor dirty tracking
+    ("dirty-track-range", va.DirtyTrackRange, {"gpa": 0x100000, "length": 0x2000},
+     "0000100000000000 0020000000000000", 16),
+    ("dirty-track-start", va.DirtyTrackStartData,
+     {"page_size": 4096, "num_ranges": 2,
+      "ranges": [{"gpa": 0, "length": 0xA0000}, {"gpa": 0xC0000, "length": 0x1000}]},
+     "00100000 02000000 0000000000000000 00000a0000000000"
+     " 00000c0000000000 0010000000000000", None),
+    ("dirty-track-report", va.DirtyTrackReportData, {"flags": 1, "reserved": bytes(4)},
+     "01000000 00000000", 8),
+    ("dirty-track-report-hdr", va.DirtyTrackReportHdr, {"page_size": 0x200000, "num_ranges": 3},
+     "00002000 03000000", 8),
     # the test vectors of docs/admin-over-vhost-user.md section 6
     ("doc-list-query-group-1", va.AdminCmdHdr,
      {"opcode": 0, "group_type": 1, "reserved1": bytes(12), "group_member_id": 0},

@@ -22,8 +22,10 @@ from vhostd_proto.virtio_admin import AdminCmd as C
 from vhostd_proto.virtio_admin import AdminQualifier as Q
 from vhostd_proto.virtio_admin import AdminStatus as S
 from vhostd_proto.virtio_admin import GroupType as G
+from vhostd_proto.virtio_admin import VhostdAdminCmd as V
 
-from ..engine.backend import MemberMode, VhostUserBackend
+from ..engine.backend import MemberMode, TrackerBusy, VhostUserBackend
+from ..engine.dirtytrack import MAX_RANGES, TrackerError
 from ..engine.parts import Part, PartsError, decode_parts, encode_parts, select
 from ..engine.virtqueue import Handler, SplitVirtqueue
 from .blk import BlkDevice
@@ -45,6 +47,8 @@ _CAP_OPCODES = frozenset({
 })
 # Commands whose group_member_id names a member.
 _MEMBER_OPCODES = frozenset({
+    V.VHOSTD_ADMIN_CMD_DIRTY_TRACK_START, V.VHOSTD_ADMIN_CMD_DIRTY_TRACK_REPORT,
+    V.VHOSTD_ADMIN_CMD_DIRTY_TRACK_STOP,
     C.VIRTIO_ADMIN_CMD_RESOURCE_OBJ_CREATE, C.VIRTIO_ADMIN_CMD_RESOURCE_OBJ_QUERY,
     C.VIRTIO_ADMIN_CMD_RESOURCE_OBJ_MODIFY, C.VIRTIO_ADMIN_CMD_RESOURCE_OBJ_DESTROY,
     C.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_GET, C.VIRTIO_ADMIN_CMD_DEV_PARTS_GET,
@@ -120,10 +124,16 @@ class AdminCommands:
             C.VIRTIO_ADMIN_CMD_DEV_PARTS_GET: self._parts_get,
             C.VIRTIO_ADMIN_CMD_DEV_PARTS_SET: self._parts_set,
             C.VIRTIO_ADMIN_CMD_DEV_MODE_SET: self._mode_set,
+            V.VHOSTD_ADMIN_CMD_DIRTY_TRACK_START: self._track_start,
+            V.VHOSTD_ADMIN_CMD_DIRTY_TRACK_REPORT: self._track_report,
+            V.VHOSTD_ADMIN_CMD_DIRTY_TRACK_STOP: self._track_stop,
         }
 
     def reset(self) -> None:
         self.state = AdminState()
+        # Write tracking was the admin driver's: it ends with it.
+        for member in self.members:
+            member.stop_tracking()
 
     def supported(self, group: int) -> frozenset[int]:
         if group == G.VIRTIO_ADMIN_GROUP_TYPE_SELF:
@@ -349,6 +359,42 @@ class AdminCommands:
         return b""
 
 
+    # ---- vendor: device-side dirty page tracking ----------------------------
+    def _track_start(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        data = data.ljust(8, b"\0")
+        page_size, count = struct.unpack_from("<II", data)
+        if count > MAX_RANGES:
+            raise _field(f"{count} ranges (at most {MAX_RANGES})")
+        data = data.ljust(8 + 16 * count, b"\0")
+        ranges = [struct.unpack_from("<QQ", data, 8 + 16 * i) for i in range(count)]
+        try:
+            self._member(member).start_tracking(page_size, ranges)
+        except TrackerBusy as e:
+            raise AdminError(S.VIRTIO_ADMIN_STATUS_EBUSY, Q.VIRTIO_ADMIN_STATUS_Q_INVALID_COMMAND,
+                             str(e)) from e
+        except TrackerError as e:
+            raise _field(str(e)) from e
+        return b""
+
+    def _track_report(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        tracker = self._member(member).tracker
+        if tracker is None:
+            raise _invalid(Q.VIRTIO_ADMIN_STATUS_Q_INVALID_COMMAND,
+                           f"member {member} does not track writes")
+        flags = int.from_bytes(data[:4].ljust(4, b"\0"), "little")
+        if flags & ~(1 << va.VHOSTD_DIRTY_TRACK_REPORT_F_CLEAR):
+            raise _field(f"report flags {flags:#x}")
+        if tracker.report_size() > capacity:
+            raise AdminError(S.VIRTIO_ADMIN_STATUS_ENOMEM, Q.VIRTIO_ADMIN_STATUS_Q_NORESOURCE,
+                             f"report needs {tracker.report_size()} bytes, buffer has "
+                             f"{capacity}")
+        return tracker.report(clear=bool(flags & 1 << va.VHOSTD_DIRTY_TRACK_REPORT_F_CLEAR))
+
+    def _track_stop(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        self._member(member).stop_tracking()
+        return b""
+
+
 def _headers(data: bytes) -> list[Part]:
     out = []
     for off in range(0, len(data) - len(data) % va.PART_HDR_SIZE, va.PART_HDR_SIZE):
@@ -358,10 +404,12 @@ def _headers(data: bytes) -> list[Part]:
 
 
 def _opcode_name(opcode: int) -> str:
-    try:
-        return C(opcode).name.removeprefix("VIRTIO_ADMIN_CMD_")
-    except ValueError:
-        return f"opcode {opcode:#x}"
+    for enum_type, prefix in ((C, "VIRTIO_ADMIN_CMD_"), (V, "VHOSTD_ADMIN_CMD_")):
+        try:
+            return enum_type(opcode).name.removeprefix(prefix)
+        except ValueError:
+            pass
+    return f"opcode {opcode:#x}"
 
 
 def _status_name(status: int) -> str:

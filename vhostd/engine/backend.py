@@ -22,6 +22,7 @@ from vhostd_proto.virtio import Feature
 
 from ..core.protocol import BackendProtocol, DeviceInfo, Message, ProtocolError
 from .dirtylog import DirtyLog
+from .dirtytrack import WriteTracker
 from .inflight import InflightRegion
 from .memory import GuestMemory, GuestMemoryError, close_fds
 from .parts import VHOST_ONLY_FEATURES, Part, StagedParts
@@ -70,6 +71,10 @@ class MemberMode(enum.Enum):
 # Device status bits (virtio), derived for a vhost-user device.
 STATUS_ACKNOWLEDGE_DRIVER_FEATURES_OK = 0x1 | 0x2 | 0x8
 STATUS_DRIVER_OK = 0x4
+
+
+class TrackerBusy(Exception):
+    """Write tracking is already on for this member."""
 
 
 class RequestFailed(Exception):
@@ -123,6 +128,7 @@ class VhostUserBackend:
             q.handler = device.make_handler(q)
         self.inflight: InflightRegion | None = None
         self.dirty_log: DirtyLog | None = None
+        self.tracker: WriteTracker | None = None
         self.features = 0
         self.send_backend_message: Callable[[BackendRequest, bytes], bool] | None = None
         self.protocol: BackendProtocol | None = None
@@ -501,6 +507,24 @@ class VhostUserBackend:
         if self._config_change_latched:
             self._config_change_latched = False
             self.config_changed()
+
+    # ---- device-side write tracking (owner vendor commands) ----------------
+    def start_tracking(self, page_size: int, ranges: list[tuple[int, int]]) -> None:
+        if self.tracker is not None:
+            raise TrackerBusy("this member already tracks writes")
+        self.tracker = WriteTracker(page_size, ranges)
+        for q in self.queues:
+            q.tracker = self.tracker
+        self.log.info("tracking writes to %d range(s) at %d-byte pages", len(ranges),
+                      page_size)
+
+    def stop_tracking(self) -> None:
+        if self.tracker is None:
+            return
+        self.log.info("write tracking stopped (%d page marks)", self.tracker.marked)
+        self.tracker = None
+        for q in self.queues:
+            q.tracker = None
 
     def parts(self) -> list[Part]:
         return list(self.frozen_parts) if self.frozen_parts is not None else collect_parts(self)

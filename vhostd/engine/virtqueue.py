@@ -29,6 +29,7 @@ from vhostd_proto.virtio import (
 
 from .barrier import full_barrier
 from .dirtylog import DirtyLog
+from .dirtytrack import WriteTracker
 from .inflight import InflightQueue
 from .memory import GuestMemory, GuestMemoryError
 
@@ -113,6 +114,7 @@ class SplitVirtqueue:
         self._signalled_used = 0
         self._signalled_valid = False
         self.dirty_log: DirtyLog | None = None  # set while QEMU migrates (LOG_ALL)
+        self.tracker: WriteTracker | None = None  # set while the owner tracks writes
         self._pending_writes: dict[int, list[tuple[int, int]]] = {}
         self.requests = 0  # statistics: chains completed
         self._resubmit: list[int] = []
@@ -269,8 +271,8 @@ class SplitVirtqueue:
                 # Ask for a kick at the next entry, then look once more: the driver
                 # may have added one before it could see the new avail_event.
                 _u16_pack(self.used, self._avail_event_off, self.last_avail_idx)
-                if self.dirty_log is not None and self.addr_flags & VHOST_VRING_F_LOG_MASK:
-                    self.dirty_log.mark(self.log_addr + self._avail_event_off, 2)
+                if self.dirty_log is not None or self.tracker is not None:
+                    self._mark_used(self._avail_event_off, 2)
                 full_barrier()
                 if _u16_unpack(avail, 2)[0] == self.last_avail_idx:
                     return
@@ -278,13 +280,13 @@ class SplitVirtqueue:
             if pending > num:
                 raise RingError(f"avail index jumped from {self.last_avail_idx} to {avail_idx} "
                                 f"on a queue of {num}")
-            dirty_log = self.dirty_log
+            logging = self.dirty_log is not None or self.tracker is not None
             for _ in range(pending):
                 slot = 4 + 2 * (self.last_avail_idx % num)
                 head = _u16_unpack(avail, slot)[0]
                 if head >= num:
                     raise RingError(f"available head {head} is not below queue size {num}")
-                if dirty_log is None:
+                if not logging:
                     readable, writable = walk(head)
                 else:
                     written: list[tuple[int, int]] = []
@@ -293,10 +295,9 @@ class SplitVirtqueue:
                 if inflight is not None:
                     inflight.take(head)
                 n = handler(head, readable, writable)
-                if dirty_log is not None:
+                if logging:
                     if n >= 0:
-                        for gpa, length in written:
-                            dirty_log.mark(gpa, length)
+                        self._mark_writes(written)
                     else:
                         self._pending_writes[head] = written
                 if n >= 0:
@@ -376,9 +377,8 @@ class SplitVirtqueue:
         written = self._pending_writes.pop(head, None)
         if not self.started or self.broken or self.used is None:
             return
-        if written and self.dirty_log is not None:
-            for gpa, n in written:
-                self.dirty_log.mark(gpa, n)
+        if written:
+            self._mark_writes(written)
         self.push_used(head, length)
         self._publish()
 
@@ -390,14 +390,28 @@ class SplitVirtqueue:
         new = self.used_idx
         # x86-64 keeps stores in order, so the used entries are visible before idx.
         _u16_pack(self.used, 2, new)
-        if self.dirty_log is not None and self.addr_flags & VHOST_VRING_F_LOG_MASK:
+        if self.dirty_log is not None or self.tracker is not None:
             # Entries, idx and avail_event all live in the used ring.
-            self.dirty_log.mark(self.log_addr, used_ring_size(self.size))
+            self._mark_used(0, used_ring_size(self.size))
         if self.inflight is not None:
             self.inflight.completed(batch, new)
         self._batch = []
         if self._needs_signal(old, new):
             _signal(self.call_fd)
+
+    def _mark_writes(self, written: list[tuple[int, int]]) -> None:
+        for log in (self.dirty_log, self.tracker):
+            if log is not None:
+                for gpa, length in written:
+                    log.mark(gpa, length)
+
+    def _mark_used(self, offset: int, length: int) -> None:
+        """Used-ring bytes written: QEMU's log wants them at log_guest_addr (when the
+        ring asked for logging), the owner's tracker at the ring's own address."""
+        if self.dirty_log is not None and self.addr_flags & VHOST_VRING_F_LOG_MASK:
+            self.dirty_log.mark(self.log_addr + offset, length)
+        if self.tracker is not None:
+            self.tracker.mark(self.used_addr + offset, length)
 
     def _needs_signal(self, old: int, new: int) -> bool:
         # used.idx was just stored; the driver's flags or used_event must be read after.
@@ -452,12 +466,10 @@ class SplitVirtqueue:
                 written: list[tuple[int, int]] = []
                 readable, writable = self._walk(head, written)
                 n = self.handler(head, readable, writable)
-                if self.dirty_log is not None:
-                    if n >= 0:
-                        for gpa, length in written:
-                            self.dirty_log.mark(gpa, length)
-                    else:
-                        self._pending_writes[head] = written
+                if n >= 0:
+                    self._mark_writes(written)
+                else:
+                    self._pending_writes[head] = written
                 if n >= 0:
                     self.push_used(head, n)
         except RingError as e:

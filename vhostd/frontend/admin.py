@@ -21,6 +21,7 @@ from vhostd_proto.virtio_admin import AdminCmd as C
 from vhostd_proto.virtio_admin import AdminQualifier as Q
 from vhostd_proto.virtio_admin import AdminStatus as S
 from vhostd_proto.virtio_admin import GroupType as G
+from vhostd_proto.virtio_admin import VhostdAdminCmd as V
 
 from .client import VhostUserClient
 from .memory import PAGE_SIZE, GuestMemory, RegionSpec
@@ -166,11 +167,16 @@ class AdminDriver:
         return r.result
 
     # ---- Linux's owner activation (reference 5.1) --------------------------
-    def activate(self) -> int:
-        """LIST_QUERY, LIST_USE, capabilities; return the device-parts object limit."""
+    def activate(self, vendor: bool = False) -> int:
+        """LIST_QUERY, LIST_USE, capabilities, as Linux does; return the device-parts
+        object limit. ``vendor`` also enables vhostd's vendor commands (dirty
+        tracking) in the same LIST_USE."""
         supported = int.from_bytes(self.command(C.VIRTIO_ADMIN_CMD_LIST_QUERY, SRIOV,
                                                 result_size=8), "little")
-        use = supported & va.VIRTIO_DEV_PARTS_ADMIN_CMD_BITMAP
+        mask = va.VIRTIO_DEV_PARTS_ADMIN_CMD_BITMAP
+        if vendor:
+            mask |= sum(1 << op for op in V)
+        use = supported & mask
         self.command(C.VIRTIO_ADMIN_CMD_LIST_USE, SRIOV, data=use.to_bytes(8, "little"))
         caps = int.from_bytes(self.command(C.VIRTIO_ADMIN_CMD_CAP_ID_LIST_QUERY, SELF,
                                            result_size=8), "little")
@@ -282,6 +288,37 @@ class AdminDriver:
         self.parts_set(dest, parts)
         self.resume(dest)
         return parts
+
+    # ---- vendor: device-side dirty tracking ---------------------------------
+    def track_start(self, member: int, ranges: list[tuple[int, int]],
+                    page_size: int = 4096) -> None:
+        data = struct.pack("<II", page_size, len(ranges)) + b"".join(
+            struct.pack("<QQ", gpa, length) for gpa, length in ranges)
+        self.command(V.VHOSTD_ADMIN_CMD_DIRTY_TRACK_START, SRIOV, member, data)
+
+    def track_report(self, member: int, ranges: list[tuple[int, int]],
+                     page_size: int = 4096, clear: bool = True) -> set[int]:
+        """Guest-physical addresses of the pages reported written (and clear them)."""
+        sizes = [((length + page_size - 1) // page_size + 63) // 64 * 8
+                 for _, length in ranges]
+        flags = 1 << va.VHOSTD_DIRTY_TRACK_REPORT_F_CLEAR if clear else 0
+        result = self.command(V.VHOSTD_ADMIN_CMD_DIRTY_TRACK_REPORT, SRIOV, member,
+                              struct.pack("<I4x", flags), 8 + sum(sizes))
+        pages: set[int] = set()
+        off = 8
+        for (gpa, _length), size in zip(ranges, sizes, strict=True):
+            bitmap = int.from_bytes(result[off:off + size], "little")
+            off += size
+            page = 0
+            while bitmap:
+                if bitmap & 1:
+                    pages.add(gpa + page * page_size)
+                bitmap >>= 1
+                page += 1
+        return pages
+
+    def track_stop(self, member: int) -> None:
+        self.command(V.VHOSTD_ADMIN_CMD_DIRTY_TRACK_STOP, SRIOV, member)
 
     def close(self) -> None:
         for fd in (getattr(self, "err_fd", None),):

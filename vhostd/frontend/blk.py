@@ -362,6 +362,19 @@ class BlkFrontend:
         self.started = False
         return list(self.bases)
 
+    def rebind_memory(self, mem: GuestMemory) -> None:
+        """Continue on ``mem``, a copy of the guest's memory at the same GPAs (made with
+        ``GuestMemory.clone_layout`` and filled by a migration); the old memory stays
+        the caller's."""
+        self.mem = mem
+        self._owns_mem = False
+        for q in self.queues:
+            q.vq.rebind(mem)
+            region = mem.region_at(q.slot_gpa)
+            q.buf = region.buf
+            q.gpa = region.gpa
+        self._sent_regions = []
+
     def attach(self, path: str | os.PathLike[str]) -> VhostUserClient:
         """Connect the same guest to another member, as a passthrough hypervisor would.
 

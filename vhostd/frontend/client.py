@@ -26,6 +26,7 @@ from vhostd_proto.vhost_user import (
     Config,
     Header,
     Inflight,
+    LogBase,
     MemoryTable,
     ProtocolFeature,
     Request,
@@ -323,6 +324,15 @@ class VhostUserClient:
         payload = Inflight.build({"mmap_size": mmap_size, "mmap_offset": mmap_offset,
                                   "num_queues": num_queues, "queue_size": queue_size})
         self._send(Request.SET_INFLIGHT_FD, payload, [fd])
+
+    def set_log_base(self, fd: int, size: int, offset: int = 0) -> None:
+        """Hand the back end the dirty-log memfd (LOG_SHMFD). QEMU always reads a u64
+        reply, NEED_REPLY or not, and checks only its id; a non-zero value raises here."""
+        payload = LogBase.build({"mmap_size": size, "mmap_offset": offset})
+        self.request(Request.SET_LOG_BASE, payload, [fd])
+        value = self._recv_u64(Request.SET_LOG_BASE)
+        if value:
+            raise VhostUserNack(Request.SET_LOG_BASE, value)
 
     def reset_device(self) -> None:
         self._send(Request.RESET_DEVICE)

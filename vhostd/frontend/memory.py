@@ -84,6 +84,18 @@ class GuestMemory:
         for spec in layout:
             self.add_region(*spec)
 
+    def clone_layout(self, qva_shift: int = 1 << 40) -> GuestMemory:
+        """Empty memory with the same guest-physical layout: a migration destination.
+
+        Its front-end virtual addresses differ (``qva_shift``), as a second QEMU's would;
+        the allocator continues where this one stands, so addresses handed out here stay
+        free there."""
+        other = GuestMemory([RegionSpec(r.gpa, r.size, r.mmap_offset, r.qva + qva_shift)
+                             for r in self.regions])
+        for mine, theirs in zip(self.regions, other.regions, strict=True):
+            theirs.cursor = mine.cursor
+        return other
+
     # -- regions -------------------------------------------------------------------------
 
     def add_region(self, gpa: int, size: int, mmap_offset: int = 0,

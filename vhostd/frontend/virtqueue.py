@@ -91,6 +91,16 @@ class SplitVirtqueue:
         self.event_idx = False  # set once VIRTIO_RING_F_EVENT_IDX is negotiated
         self._reset_driver_state()
 
+    def rebind(self, mem: GuestMemory) -> None:
+        """Continue on ``mem``, a copy of this queue's memory at the same GPAs (the guest
+        arrived on another host); driver state is kept."""
+        self.mem = mem
+        self._desc = mem.view(self.desc_gpa, desc_table_size(self.size))
+        self._avail = mem.view(self.avail_gpa, avail_ring_size(self.size))
+        self._used = mem.view(self.used_gpa, used_ring_size(self.size))
+        if self._indirect is not None:
+            self._indirect = mem.view(self.indirect_gpa, len(self._indirect))
+
     def _reset_driver_state(self) -> None:
         size = self.size
         # Free list threaded through a shadow next array (never through guest memory, which a
