@@ -377,6 +377,15 @@ class SplitVirtqueue:
         written = self._pending_writes.pop(head, None)
         if not self.started or self.broken or self.used is None:
             return
+        if written is None and (self.dirty_log is not None or self.tracker is not None):
+            # Taken before logging began: its buffers are still the device's until the
+            # used entry is written, so walk the chain again to learn them.
+            written = []
+            try:
+                self._walk(head, written)
+            except RingError as e:
+                self.fail(str(e))
+                return
         if written:
             self._mark_writes(written)
         self.push_used(head, length)
