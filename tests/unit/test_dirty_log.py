@@ -368,9 +368,6 @@ def test_pending_completions_in_any_order_mark_their_own_pages(ring: Ring, dlog:
     assert ring.used_elems() == [(2, 1), (0, 1), (1, 1)]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a request taken while no dirty log was attached "
-                   "(PENDING) is not logged when it completes after logging was turned on; "
-                   "virtqueue.py _drain collects written ranges only while logging")
 def test_pending_taken_before_logging_started_is_logged(ring: Ring, dlog: Log) -> None:
     direct_chain(ring)
     q = logged_queue(ring, Recorder(result=PENDING), None)
