@@ -1,0 +1,244 @@
+"""vhostd against qemu-storage-daemon, side by side, with a real guest running fio.
+
+    python benchmarks/guest_bench.py [--reps 3] [--runtime 10] [--backing file,tmpfs]
+                                     [--json out.json]
+
+For each backing store (a raw file in the page cache; the same on tmpfs) and each
+repetition, boots the project's test guest under QEMU (TCG, 2 vCPUs, one
+vhost-user-blk disk with 2 queues) once against vhostd and once against
+`qemu-storage-daemon --export type=vhost-user-blk`, alternating which goes first,
+on identical copies of a pre-filled image. In the guest fio runs: 4k random read
+QD32, 4k random write QD32, 4k random read QD1 (latency), 128k sequential read, and
+4k random read with 2 jobs on 2 queues. The host samples each daemon's CPU time
+(/proc/PID/stat) around every job and its peak RSS (VmHWM).
+
+Prints medians and vhostd/qsd ratios as a table, and JSON (--json) a script can
+compare. Timing on shared machines is noisy: only ratios from one run mean much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vhostd.tools.guest import GuestImage, build_guest
+from vhostd.tools.qemu import GuestVM, StorageDaemon, VhostUserBlkDisk
+
+JOBS = ["randread32", "randwrite32", "randread1", "seqread128k", "mq2"]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+IMAGE_SIZE = 256 << 20
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # utime and stime are fields 14 and 15 of the whole line.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def children_cpu(pid: int) -> float:
+    """CPU of a daemon and of its worker processes, if it has any."""
+    total = cpu_seconds(pid)
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    for kid in kids:
+        try:
+            total += cpu_seconds(int(kid))
+        except OSError:
+            pass
+    return total
+
+
+@dataclass
+class JobResult:
+    iops: float
+    bw_mib: float
+    lat_us: float
+    ios: int
+    cpu_s: float
+
+    @property
+    def cpu_us_per_io(self) -> float:
+        return self.cpu_s * 1e6 / self.ios if self.ios else 0.0
+
+
+@dataclass
+class Run:
+    daemon: str
+    backing: str
+    jobs: dict[str, JobResult] = field(default_factory=dict)
+    rss_mib: float = 0.0
+
+
+def parse_fio(text: str) -> tuple[float, float, float, int]:
+    data = json.loads(text)
+    job = data["jobs"][0]
+    iops = bw = 0.0
+    lat_ns = []
+    ios = 0
+    for direction in ("read", "write"):
+        d = job[direction]
+        iops += d["iops"]
+        bw += d["bw_bytes"] / (1 << 20)
+        ios += d["total_ios"]
+        if d["total_ios"]:
+            lat_ns.append(d["clat_ns"]["mean"])
+    return iops, bw, (statistics.mean(lat_ns) / 1000 if lat_ns else 0.0), ios
+
+
+def run_guest(image: GuestImage, sock: Path, pid: int, runtime: int, jobs: list[str],
+              run: Run) -> None:
+    vm = GuestVM(image, [VhostUserBlkDisk(sock, num_queues=2)], run="bench",
+                 args=[str(runtime), *jobs])
+    with vm:
+        for job in jobs:
+            vm.wait_for(f"BENCH-START {job}", 300)
+            c0 = children_cpu(pid)
+            m = vm.wait_for(rf"BENCH-RESULT {job} (.*)", runtime * 4 + 120)
+            c1 = children_cpu(pid)
+            iops, bw, lat, ios = parse_fio(m.group(1))
+            run.jobs[job] = JobResult(iops, bw, lat, ios, c1 - c0)
+            print(f"    {run.daemon:6} {job:12} {iops:9.0f} IOPS {bw:8.1f} MiB/s "
+                  f"{lat:8.1f} us  {(c1 - c0) * 1e6 / max(ios, 1):6.1f} us CPU/IO", flush=True)
+        if not vm.wait_result(120):
+            raise RuntimeError(f"bench failed in the guest:\n{vm.tail()}")
+    run.rss_mib = peak_rss_mib(pid)
+
+
+def run_vhostd(image: GuestImage, disk: Path, work: Path, runtime: int, jobs: list[str],
+               backing: str) -> Run:
+    sock = work / "vhostd.sock"
+    pidfile = work / "vhostd.pid"
+    pidfile.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "vhostd", f"--socket-path={sock}",
+                             f"--blk-file={disk}", "--num-queues=2", "--log-level=warning",
+                             f"--pidfile={pidfile}"])
+    try:
+        while not pidfile.exists():
+            if proc.poll() is not None:
+                raise RuntimeError("vhostd did not start")
+            time.sleep(0.02)
+        run = Run("vhostd", backing)
+        run_guest(image, sock, proc.pid, runtime, jobs, run)
+        return run
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def run_qsd(image: GuestImage, disk: Path, work: Path, runtime: int, jobs: list[str],
+            backing: str) -> Run:
+    sock = work / "qsd.sock"
+    with StorageDaemon(disk, sock, num_queues=2) as qsd:
+        assert qsd.proc is not None
+        run = Run("qsd", backing)
+        run_guest(image, sock, qsd.proc.pid, runtime, jobs, run)
+        return run
+
+
+def prefill(path: Path) -> None:
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(IMAGE_SIZE >> 20):
+            f.write(chunk)
+
+
+def summarize(runs: list[Run], jobs: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for backing in sorted({r.backing for r in runs}):
+        table = {}
+        for job in jobs:
+            row: dict[str, float] = {}
+            for daemon in ("vhostd", "qsd"):
+                rs = [r.jobs[job] for r in runs if r.daemon == daemon and r.backing == backing]
+                row[f"{daemon}_iops"] = statistics.median(x.iops for x in rs)
+                row[f"{daemon}_bw_mib"] = statistics.median(x.bw_mib for x in rs)
+                row[f"{daemon}_lat_us"] = statistics.median(x.lat_us for x in rs)
+                row[f"{daemon}_cpu_us_per_io"] = statistics.median(x.cpu_us_per_io for x in rs)
+            row["iops_ratio"] = row["vhostd_iops"] / row["qsd_iops"]
+            row["lat_ratio"] = row["vhostd_lat_us"] / row["qsd_lat_us"]
+            row["cpu_per_io_ratio"] = (row["vhostd_cpu_us_per_io"] / row["qsd_cpu_us_per_io"]
+                                       if row["qsd_cpu_us_per_io"] else 0.0)
+            table[job] = row
+        rss = {d: max(r.rss_mib for r in runs if r.daemon == d and r.backing == backing)
+               for d in ("vhostd", "qsd")}
+        out[backing] = {"jobs": table, "peak_rss_mib": rss}
+    return out
+
+
+def print_table(summary: dict[str, object]) -> None:
+    for backing, data in summary.items():
+        assert isinstance(data, dict)
+        print(f"\nbacking: {backing} (medians; ratio = vhostd / qsd)")
+        print(f"{'job':12} {'vhostd IOPS':>12} {'qsd IOPS':>10} {'ratio':>6} "
+              f"{'vhostd lat':>11} {'qsd lat':>9} {'ratio':>6} "
+              f"{'vhostd CPU/IO':>14} {'qsd CPU/IO':>11} {'ratio':>6}")
+        for job, r in data["jobs"].items():
+            print(f"{job:12} {r['vhostd_iops']:12.0f} {r['qsd_iops']:10.0f} "
+                  f"{r['iops_ratio']:6.2f} {r['vhostd_lat_us']:9.1f}us "
+                  f"{r['qsd_lat_us']:7.1f}us {r['lat_ratio']:6.2f} "
+                  f"{r['vhostd_cpu_us_per_io']:12.1f}us {r['qsd_cpu_us_per_io']:9.1f}us "
+                  f"{r['cpu_per_io_ratio']:6.2f}")
+        rss = data["peak_rss_mib"]
+        print(f"peak RSS: vhostd {rss['vhostd']:.1f} MiB, qsd {rss['qsd']:.1f} MiB")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reps", type=int, default=3, help="A/B repetitions (default 3)")
+    p.add_argument("--runtime", type=int, default=10, help="seconds per fio job (default 10)")
+    p.add_argument("--backing", default="file,tmpfs",
+                   help="comma-separated: file (page cache), tmpfs (default both)")
+    p.add_argument("--jobs", default=",".join(JOBS), help="comma-separated fio jobs")
+    p.add_argument("--json", type=Path, help="write the summary and every run here")
+    args = p.parse_args()
+    jobs = args.jobs.split(",")
+    image = build_guest(progress=lambda line: print(line, flush=True))
+    runs: list[Run] = []
+    bases = {"file": Path(tempfile.gettempdir()), "tmpfs": Path("/dev/shm")}
+    for backing in args.backing.split(","):
+        work = Path(tempfile.mkdtemp(prefix="vhostd-bench-", dir=bases[backing]))
+        try:
+            original = work / "fill.img"
+            prefill(original)
+            for rep in range(args.reps):
+                order = [run_vhostd, run_qsd] if rep % 2 == 0 else [run_qsd, run_vhostd]
+                print(f"{backing}, repetition {rep + 1}/{args.reps}", flush=True)
+                for fn in order:
+                    disk = work / "disk.img"
+                    shutil.copyfile(original, disk)  # identical bytes for both daemons
+                    runs.append(fn(image, disk, work, args.runtime, jobs, backing))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    summary = summarize(runs, jobs)
+    print_table(summary)
+    doc = {"summary": summary, "runtime_s": args.runtime, "reps": args.reps,
+           "runs": [{"daemon": r.daemon, "backing": r.backing, "rss_mib": r.rss_mib,
+                     "jobs": {j: vars(x) for j, x in r.jobs.items()}} for r in runs]}
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=1))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
