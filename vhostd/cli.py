@@ -48,7 +48,7 @@ class MemberSpec:
     blk_file: str
     read_only: bool = False
     num_queues: int = 1
-    queue_size: int = 128
+    queue_size: int = 1024
     serial: str = ""
 
 
@@ -75,7 +75,7 @@ def parse_member(text: str) -> MemberSpec:
     return MemberSpec(
         socket_path=opts["socket-path"], blk_file=opts["blk-file"], read_only=ro == "on",
         num_queues=_positive(opts.get("num-queues", "1")),
-        queue_size=_positive(opts.get("queue-size", "128")),
+        queue_size=_positive(opts.get("queue-size", "1024")),
         serial=opts.get("serial", ""),
     )
 
@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true", help="serve the image read-only")
     p.add_argument("--num-queues", type=_positive, default=1, metavar="N",
                    help="number of request queues (default 1)")
-    p.add_argument("--queue-size", type=_positive, default=128, metavar="N",
-                   help="largest queue size the front end may use (default 128)")
+    p.add_argument("--queue-size", type=_positive, default=1024, metavar="N",
+                   help="largest queue size the front end may use (default 1024, QEMU's "
+                        "maximum)")
     p.add_argument("--logical-block-size", type=_positive, default=512, metavar="N",
                    help="logical block size in bytes (default 512)")
     p.add_argument("--serial", default="", metavar="ID",

@@ -401,7 +401,7 @@ def test_config_bytes(make_blk: MakeBlk) -> None:
     assert len(cfg) == 60
     assert int.from_bytes(cfg[0:8], "little") == SECTORS  # capacity from the file size
     assert u32(cfg, 8) == 1 << 20  # size_max
-    assert u32(cfg, 12) == 254  # seg_max = queue size - 2
+    assert u32(cfg, 12) == 126  # seg_max: what a 128-entry ring carries
     assert u32(cfg, 20) == 512  # blk_size
     assert cfg[24] == 3  # physical_block_exp: 4 KiB physical blocks
     assert cfg[32] == 1  # wce: write-back by default

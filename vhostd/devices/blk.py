@@ -51,12 +51,13 @@ MAX_DISCARD_SEG = 32
 MAX_WRITE_ZEROES_SECTORS = 1 << 22
 MAX_WRITE_ZEROES_SEG = 32
 SIZE_MAX = 1 << 20
+SEG_MAX_QUEUE = 128
 
 
 @dataclass
 class BlkOptions:
     num_queues: int = 1
-    queue_size: int = 128  # largest queue the front end may configure
+    queue_size: int = 1024  # largest queue the front end may configure (QEMU's maximum)
     logical_block_size: int = 512
     serial: str = ""
     writeback: bool = True  # initial write-cache mode (the driver can change it)
@@ -113,7 +114,9 @@ class BlkDevice:
         return BlkConfig.build({
             "capacity": self.capacity,
             "size_max": SIZE_MAX,
-            "seg_max": self.max_queue_size - 2,
+            # What a 128-entry ring can carry without indirect descriptors (QEMU's
+            # default queue); with them, one indirect table holds the segments.
+            "seg_max": min(self.max_queue_size, SEG_MAX_QUEUE) - 2,
             "cylinders": 0, "heads": 0, "sectors": 0,
             "blk_size": lbs,
             # One logical block per physical block of 4 KiB at least.
