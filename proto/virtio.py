@@ -2,7 +2,7 @@
 
 These definitions document the layouts and serve the control plane and tests. The
 data path reads guest memory with precompiled ``struct.Struct`` objects whose formats
-are derived from the same field lists (see vhostd/engine/ring.py).
+are derived from the same field lists (see vhostd/engine/virtqueue.py).
 """
 
 from __future__ import annotations

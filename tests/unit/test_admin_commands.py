@@ -595,21 +595,24 @@ def test_query_0xb_and_modify_0xc_follow_the_opcode_table(active: Admin) -> None
     active.ok(CREATE, SRIOV, 1, create_data(3, GET))
     assert active.ok(QUERY, SRIOV, 1, obj_hdr(3) + bytes(8)) == bytes(8)
     # MODIFY has no result; QUERY then returns what MODIFY set
-    assert active.ok(MODIFY, SRIOV, 1, create_data(3, SET)) == b""
-    assert active.ok(QUERY, SRIOV, 1, obj_hdr(3) + bytes(8)) == bytes.fromhex("0100000000000000")
-    # the object now serves SET only
-    active.err(_field(), PARTS_GET, SRIOV, 1, get_data(3))
+    assert active.ok(MODIFY, SRIOV, 1, create_data(3, GET)) == b""
+    assert active.ok(QUERY, SRIOV, 1, obj_hdr(3) + bytes(8)) == bytes(8)
+    # an object serves GET or SET for its whole life: MODIFY cannot switch it
+    active.err(_field(), MODIFY, SRIOV, 1, create_data(3, SET))
+    assert active.ok(QUERY, SRIOV, 1, obj_hdr(3) + bytes(8)) == bytes(8)
+    assert active.ok(PARTS_GET, SRIOV, 1, get_data(3), capacity=4096)
     # a failed MODIFY changes nothing
     active.err(_field(), MODIFY, SRIOV, 1, create_data(3, 7))
     active.err(_field(), MODIFY, SRIOV, 1, create_data(3, GET, flags=2))
-    assert active.ok(QUERY, SRIOV, 1, obj_hdr(3) + bytes(8)) == bytes.fromhex("0100000000000000")
+    assert active.ok(QUERY, SRIOV, 1, obj_hdr(3) + bytes(8)) == bytes(8)
     # QUERY data shorter than hdr+flags reads zeros; unknown ids are ENXIO
-    assert active.ok(QUERY, SRIOV, 1, obj_hdr(3)) == bytes.fromhex("0100000000000000")
-    active.err((ENXIO, Q_INVALID_FIELD), QUERY, SRIOV, 1, obj_hdr(4) + bytes(8))
-    active.err((ENXIO, Q_INVALID_FIELD), MODIFY, SRIOV, 1, create_data(4, GET))
+    active.ok(CREATE, SRIOV, 1, create_data(4, SET))
+    assert active.ok(QUERY, SRIOV, 1, obj_hdr(4)) == bytes.fromhex("0100000000000000")
+    active.err((ENXIO, Q_INVALID_FIELD), QUERY, SRIOV, 1, obj_hdr(5) + bytes(8))
+    active.err((ENXIO, Q_INVALID_FIELD), MODIFY, SRIOV, 1, create_data(5, GET))
 
 
-def test_modify_respects_the_limit_of_the_new_kind(active: Admin) -> None:
+def test_modify_cannot_change_the_kind(active: Admin) -> None:
     active.ok(DRIVER_CAP_SET, SELF, data=struct.pack("<H6xBB", 0, 8, 2))
     active.create(1, 5, GET)
     active.err(_field(), MODIFY, SRIOV, 1, create_data(5, SET))

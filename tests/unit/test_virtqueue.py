@@ -743,3 +743,42 @@ def test_backend_resubmits_after_reconnect(ring: Ring, ram: GuestRam, inflight_f
         assert ring.used_elems(2) == [(5, 1), (3, 1)]
     finally:
         backend.disconnect()
+
+
+# ---- robustness: faults that are not the driver's, and hostile recovery state ------
+
+
+def test_handler_exception_publishes_completed_work_and_stops_the_queue(
+        ring: Ring, fds: tuple[int, int]) -> None:
+    call, err = fds
+    for head in (0, 1, 2):
+        ring.desc(head, BUF + 0x10 * head, 1, F_WRITE)
+
+    def handler(head: int, readable: list[memoryview], writable: list[memoryview]) -> int:
+        if head == 2:
+            raise MemoryError("simulated")
+        return 1
+
+    q = ring.queue(handler, call_fd=call, err_fd=err)
+    ring.publish(0, 1, 2)
+    q.process()  # must not raise into the event loop
+    assert ring.used_elems() == [(0, 1), (1, 1)]  # what completed is published
+    assert q.broken and eventfd_count(err) == 1 and eventfd_count(call) == 1
+    # A stopped queue reports the position it really reached, not past a lost request.
+    ring.publish(0)
+    q.process()
+    assert ring.used_idx == 2
+
+
+def test_inflight_recovery_ignores_impossible_heads_in_the_used_ring(
+        ring: Ring, inflight_fd: int) -> None:
+    region = InflightRegion(inflight_fd, inflight_queue_stride(QS), 0, 1, QS)
+    q = ring.queue(Recorder(result=1), inflight=region.queues[0])
+    q.stop()
+    # The guest scribbles a huge head id into a used entry the region has not seen.
+    ring.write_used_elem(0, 0xFFFFFF, 1)
+    ring.set_used_idx(1)
+    q.start(ring.ram.memory)  # must not raise
+    assert not q.broken
+    assert q.last_avail_idx == 1
+    region.close()

@@ -88,6 +88,7 @@ class BlkDevice:
         self.wce = 1 if options.writeback else 0
         self._load_state()
         self.capacity = backend.size() // SECTOR
+        self.refused = 0  # requests failed for their shape (logged, rate-limited)
         serial = options.serial or os.path.basename(getattr(backend, "path", name))
         self.serial = serial.encode()[:VIRTIO_BLK_ID_BYTES]
 
@@ -153,14 +154,22 @@ class BlkDevice:
         pass
 
     def reset(self) -> None:
-        self._set_wce(1 if self.options.writeback else 0)
+        try:
+            self._set_wce(1 if self.options.writeback else 0)
+        except ValueError as e:
+            log.error("%s: reset: %s", self.name, e)
+            self.wce = 1 if self.options.writeback else 0
 
     def _set_wce(self, wce: int) -> None:
         if self.wce == wce:
             return
         log.info("%s: write cache %s", self.name, "writeback" if wce else "writethrough")
         if not wce:
-            self.backend.flush()  # what was cached must be stable before writethrough
+            # What was cached must be stable before writethrough.
+            try:
+                self.backend.flush()
+            except OSError as e:
+                raise ValueError(f"cannot flush before switching to writethrough: {e}") from e
         self.wce = wce
         self._save_state()
 
@@ -248,23 +257,24 @@ class BlkDevice:
             if readable and len(readable[0]) >= 16:
                 first = readable[0]
                 rtype, _prio, sector = unpack_hdr(first)
-                if len(first) == 16:
-                    data_out = readable[1:]
-                else:
-                    data_out = readable[1:]
+                data_out = readable[1:]
+                if len(first) > 16:
                     data_out.insert(0, first[16:])
             else:
-                joined = b"".join(readable)
-                if len(joined) < 16:
+                # The header is split over descriptors: gather just its 16 bytes.
+                hdr, data_out = _split_header(readable)
+                if hdr is None:
+                    self._refuse(qname, head, "a request header shorter than 16 bytes")
                     status[0] = S_IOERR
                     return 1
-                rtype, _prio, sector = unpack_hdr(joined)
-                data_out = [memoryview(joined)[16:]]
+                rtype, _prio, sector = unpack_hdr(hdr)
             rtype &= ~VIRTIO_BLK_T_BARRIER
             try:
                 if rtype == T_IN:
                     n = sum(map(len, data_in))
                     if sector + ((n + SECTOR - 1) >> 9) > self.capacity:
+                        self._refuse(qname, head, f"a read of {n} bytes at sector {sector} "
+                                     f"beyond the capacity of {self.capacity} sectors")
                         status[0] = S_IOERR
                         return 1
                     readv(data_in, sector << 9)
@@ -273,6 +283,10 @@ class BlkDevice:
                 if rtype == T_OUT:
                     n = sum(map(len, data_out))
                     if read_only or sector + ((n + SECTOR - 1) >> 9) > self.capacity:
+                        if not read_only:
+                            self._refuse(qname, head, f"a write of {n} bytes at sector "
+                                         f"{sector} beyond the capacity of {self.capacity} "
+                                         f"sectors")
                         status[0] = S_IOERR
                         return 1
                     writev(data_out, sector << 9)
@@ -287,6 +301,13 @@ class BlkDevice:
                 return 1
 
         return handle
+
+    def _refuse(self, qname: str, head: int, what: str) -> None:
+        """Log a request refused for its shape, without flooding the log."""
+        self.refused += 1
+        if self.refused <= 10 or self.refused % 1000 == 0:
+            log.warning("%s: head %d: %s (refused with IOERR; %d so far)", qname, head, what,
+                        self.refused)
 
     def _slow_request(self, rtype: int, data_out: list[memoryview], data_in: list[memoryview],
                       status: memoryview) -> int:
@@ -306,6 +327,11 @@ class BlkDevice:
             status[0] = S_OK
             return written + 1
         if rtype in (T_DISCARD, T_WRITE_ZEROES):
+            # Bound the copy by what a valid request can carry before joining.
+            if sum(map(len, data_out)) > SEGMENT.size * max(MAX_DISCARD_SEG,
+                                                           MAX_WRITE_ZEROES_SEG):
+                status[0] = S_UNSUPP
+                return 1
             status[0] = self._discard_or_zero(rtype, b"".join(data_out))
             return 1
         status[0] = S_UNSUPP
@@ -336,3 +362,18 @@ class BlkDevice:
         if not self.wce:
             self.backend.flush()
         return S_OK
+
+
+def _split_header(readable: list[memoryview]) -> tuple[bytes | None, list[memoryview]]:
+    """The first 16 readable bytes, and the views after them (no copy of the data)."""
+    hdr = b""
+    for i, buf in enumerate(readable):
+        need = 16 - len(hdr)
+        if len(buf) >= need:
+            hdr += bytes(buf[:need])
+            rest = readable[i + 1:]
+            if len(buf) > need:
+                rest.insert(0, buf[need:])
+            return hdr, rest
+        hdr += bytes(buf)
+    return None, []

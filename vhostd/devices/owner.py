@@ -33,6 +33,8 @@ from .blk import BlkDevice
 log = logging.getLogger("vhostd.owner")
 
 ADMIN_QUEUE_SIZE_MAX = 1024
+# The largest command the owner reads: a DEV_PARTS_SET for members with many queues.
+ADMIN_COMMAND_MAX = 4 << 20
 # How many device-parts objects the owner can hold at once (each limit is a u8).
 DEV_PARTS_OBJECTS_LIMIT = 32
 
@@ -282,9 +284,10 @@ class AdminCommands:
     def _obj_modify(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
         obj_id, kind = self._parse_create(data)
         obj = self._object(obj_id, member)
-        if obj_id >= self.state.limits[kind]:
-            raise _field(f"object id {obj_id} is not below the {_KIND_NAMES[kind]} limit")
-        obj.kind = kind
+        if kind != obj.kind:
+            # An object serves GET or SET for its whole life.
+            raise _field(f"object {obj_id} is a {_KIND_NAMES[obj.kind]} object; MODIFY "
+                         f"cannot make it {_KIND_NAMES[kind]}")
         obj.specific = data.ljust(24, b"\0")[16:24]
         return b""
 
@@ -455,8 +458,15 @@ class OwnerDevice:
         if room < va.ADMIN_STATUS_SIZE:
             log.warning("admin command at head %d has no room for its status; dropped", head)
             return 0
-        status, qualifier, result = self.commands.execute(
-            b"".join(readable), room - va.ADMIN_STATUS_SIZE)
+        size = sum(map(len, readable))
+        if size > ADMIN_COMMAND_MAX:
+            # Larger than any command: refuse before copying guest memory.
+            log.info("admin command of %d bytes refused", size)
+            status, qualifier, result = (S.VIRTIO_ADMIN_STATUS_EINVAL,
+                                         Q.VIRTIO_ADMIN_STATUS_Q_INVALID_COMMAND, b"")
+        else:
+            status, qualifier, result = self.commands.execute(
+                b"".join(readable), room - va.ADMIN_STATUS_SIZE)
         out = struct.pack("<HH4x", status, qualifier) + result
         out = out[:room]  # results are cut to the buffer (parts lists refuse earlier)
         off = 0

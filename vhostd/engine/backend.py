@@ -25,10 +25,10 @@ from .dirtylog import DirtyLog
 from .dirtytrack import WriteTracker
 from .inflight import InflightRegion
 from .memory import GuestMemory, GuestMemoryError, close_fds
-from .parts import VHOST_ONLY_FEATURES, Part, StagedParts
+from .parts import VHOST_ONLY_FEATURES, Part, PartsError, StagedParts
 from .parts import check as check_parts
 from .parts import collect as collect_parts
-from .virtqueue import Handler, SplitVirtqueue
+from .virtqueue import Handler, RingError, SplitVirtqueue
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ class VhostUserBackend:
         """The front end went away: stop every ring, drop its memory and fds."""
         served = [q.requests for q in self.queues]
         if any(served):
+            # Totals since the daemon started (across front ends), per queue.
             self.log.info("requests served per queue: %s",
                           " ".join(f"vq{i}={n}" for i, n in enumerate(served)))
         for q in self.queues:
@@ -207,7 +208,12 @@ class VhostUserBackend:
     # ---- features ----------------------------------------------------------
     def _on_set_features(self, msg: Message) -> None:
         assert self.protocol is not None
-        self._apply_features(self.protocol.acked_features)
+        features = self.protocol.acked_features
+        self._apply_features(features)
+        if not features & 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES:
+            # Without protocol features rings are enabled as soon as they start.
+            for q in self.queues:
+                q.enabled = True
         self.status |= STATUS_ACKNOWLEDGE_DRIVER_FEATURES_OK
 
     def _apply_features(self, features: int) -> None:
@@ -217,9 +223,6 @@ class VhostUserBackend:
         indirect = bool(features & 1 << Feature.VIRTIO_RING_F_INDIRECT_DESC)
         for q in self.queues:
             q.set_features(event_idx, indirect)
-            if not features & 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES:
-                # Without protocol features rings are enabled as soon as they start.
-                q.enabled = True
         self.device.features_acked(features)
 
     def _on_set_protocol_features(self, msg: Message) -> None:
@@ -244,10 +247,11 @@ class VhostUserBackend:
             q.broken = False
             q.suspended = False
             q.unconfigure()
-        self.features = 0
+        self._apply_features(0)
         self.status = 0
         self.staged = None
         self.frozen_parts = None
+        self._config_change_latched = False
         self.mode = MemberMode.RUNNING
         self.device.reset()
 
@@ -257,7 +261,7 @@ class VhostUserBackend:
         fd = msg.fds[0]
         try:
             new = DirtyLog(fd, b.mmap_size, b.mmap_offset)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, OverflowError) as e:
             raise RequestFailed(f"cannot map the dirty log: {e}") from e
         finally:
             os.close(fd)
@@ -313,12 +317,18 @@ class VhostUserBackend:
         self._memory_changed()
 
     def _memory_changed(self) -> None:
+        # QEMU changes the table in steps (REM_MEM_REG, then ADD_MEM_REG): a ring may be
+        # unreachable in between. It then waits (not ready) instead of failing, and runs
+        # again once its memory is back.
         for q in self.queues:
-            if q.started and not q.broken:
+            if q.started and not q.broken and q.configured:
                 try:
                     q.resolve()
-                except Exception as e:
-                    q.fail(str(e))
+                except RingError as e:
+                    q.desc = q.avail = q.used = None
+                    self.log.info("%s waits for its memory: %s", q.name, e)
+                    continue
+                q.process()
 
     # ---- rings -------------------------------------------------------------
     def _on_set_vring_num(self, msg: Message) -> None:
@@ -341,26 +351,34 @@ class VhostUserBackend:
         if q.started and not q.broken:
             try:
                 q.resolve()
-            except Exception as e:
+            except RingError as e:
                 q.fail(str(e))
 
     def _on_set_vring_kick(self, msg: Message) -> None:
         q = self.queues[msg.ring]  # type: ignore[index]
         self._set_kick(q, msg.fd)
-        inflight = self.inflight
-        q.inflight = None
-        if inflight is not None:
-            if inflight.queue_size == q.size and q.index < inflight.num_queues:
-                q.inflight = inflight.queues[q.index]
-            else:
-                self.log.warning("%s: inflight region was made for queue size %d, ring has "
-                                 "%d; not tracking", q.name, inflight.queue_size, q.size)
+        self._attach_inflight(q)
+        if q.suspended:
+            self.log.warning("%s starts, but its owner has stopped this member: it is served "
+                             "once the owner resumes it", q.name)
         q.start(self.memory)
         if q.configured:
             self.status |= STATUS_DRIVER_OK
         # Chains may already be waiting (or left by a previous back end), and their
         # kick may have come before this ring could see it.
         q.process()
+
+    def _attach_inflight(self, q: SplitVirtqueue) -> None:
+        """Track ``q`` in the inflight region if the region was made for its size."""
+        inflight = self.inflight
+        q.inflight = None
+        if inflight is None or not q.size:
+            return
+        if inflight.queue_size == q.size and q.index < inflight.num_queues:
+            q.inflight = inflight.queues[q.index]
+        else:
+            self.log.warning("%s: inflight region was made for queue size %d, ring has %d; "
+                             "not tracking", q.name, inflight.queue_size, q.size)
 
     def _set_kick(self, q: SplitVirtqueue, fd: int | None) -> None:
         if q.kick_fd is not None:
@@ -373,12 +391,17 @@ class VhostUserBackend:
             os.set_blocking(fd, False)
             self.watcher.add_reader(fd, self._kicked, q, fd)
 
-    @staticmethod
-    def _kicked(q: SplitVirtqueue, fd: int) -> None:
+    def _kicked(self, q: SplitVirtqueue, fd: int) -> None:
         try:
             os.eventfd_read(fd)
         except BlockingIOError:
             pass
+        except OSError as e:
+            # Not a readable eventfd (or a dead one): stop watching it, or the loop
+            # would spin on it.
+            self.watcher.remove_reader(fd)
+            q.fail(f"cannot read the kick eventfd: {e.strerror}")
+            return
         q.process()
 
     def _on_set_vring_call(self, msg: Message) -> None:
@@ -444,6 +467,8 @@ class VhostUserBackend:
         fd = msg.fds[0]
         try:
             if self.inflight is not None:
+                for q in self.queues:
+                    q.inflight = None  # nothing may write the region being dropped
                 self.inflight.close()
                 self.inflight = None
             if b.mmap_size == 0:
@@ -451,10 +476,13 @@ class VhostUserBackend:
             try:
                 self.inflight = InflightRegion(fd, b.mmap_size, b.mmap_offset, b.num_queues,
                                                b.queue_size)
-            except (ValueError, OSError) as e:
+            except (ValueError, OSError, OverflowError) as e:
                 raise RequestFailed(f"inflight region: {e}") from e
         finally:
             os.close(fd)
+        for q in self.queues:
+            if q.started:
+                self._attach_inflight(q)
 
     def _on_get_inflight_fd(self, msg: Message) -> tuple[bytes, list[int]]:
         """A new zeroed region; the reply carries its fd."""
@@ -481,9 +509,7 @@ class VhostUserBackend:
             return
         if self.mode is MemberMode.RUNNING:
             for q in self.queues:
-                if q.started and not q.broken:
-                    q._publish()
-                q.suspended = True
+                q.suspend()
             self.log.info("stopped by the owner")
         if mode is MemberMode.FROZEN:
             self.frozen_parts = collect_parts(self)
@@ -493,9 +519,15 @@ class VhostUserBackend:
         self.mode = mode
 
     def _resume(self) -> None:
-        staged, self.staged = self.staged, None
+        staged = self.staged
         if staged is not None:
-            self._apply_staged(staged)
+            try:
+                self._apply_staged(staged)
+            except ValueError as e:
+                # The member stays stopped with its parts still staged; the owner's
+                # command fails and may be retried.
+                raise PartsError(f"cannot apply the parts: {e}") from e
+            self.staged = None
         self.frozen_parts = None
         self.mode = MemberMode.RUNNING
         for q in self.queues:

@@ -95,7 +95,11 @@ class InflightRegion:
         """A fresh zeroed memfd for GET_INFLIGHT_FD: (fd, size)."""
         size = inflight_queue_stride(queue_size) * num_queues
         fd = os.memfd_create("vhostd-inflight", os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            raise
         return fd, size
 
     def close(self) -> None:

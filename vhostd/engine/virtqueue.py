@@ -46,7 +46,9 @@ _used_pack = USED_ELEM.pack_into
 
 VHOST_VRING_F_LOG_MASK = 1 << VHOST_VRING_F_LOG
 
-# Handler result meaning "completion will be pushed later by the device".
+# Handler result meaning "completion will be pushed later by the device" (the hook
+# for asynchronous I/O; every current device completes inline, and stop() would
+# have to wait for such requests once one does not).
 PENDING = -1
 
 # A request handler gets the chain head and the device-readable and device-writable
@@ -222,6 +224,12 @@ class SplitVirtqueue:
         self.desc = self.avail = self.used = None
         return self.last_avail_idx
 
+    def suspend(self) -> None:
+        """The owner stops the member: publish what is complete, then touch nothing."""
+        if self.started and not self.broken:
+            self._publish()
+        self.suspended = True
+
     def detach_memory(self) -> None:
         self.desc = self.avail = self.used = None
         self.memory = None
@@ -252,6 +260,13 @@ class SplitVirtqueue:
         except RingError as e:
             self._publish()
             self.fail(str(e))
+            return
+        except Exception as e:
+            # A bug, not the driver's fault; still, completed work is published and the
+            # queue stops rather than report a position past a request it lost.
+            log.exception("%s: internal error serving the ring", self.name)
+            self._publish()
+            self.fail(f"internal error: {e!r}")
             return
         self._publish()
 
@@ -448,11 +463,12 @@ class SplitVirtqueue:
             return
         # A batch published just before a crash is still flagged: the used ring
         # itself says which heads it holds.
-        done = [
-            USED_ELEM.unpack_from(self.used, 4 + 8 * (i % self.size))[0]
-            for i in range(inflight.used_idx, inflight.used_idx
-                           + ((self.used_idx - inflight.used_idx) & 0xFFFF))
-        ]
+        # The used ring is guest memory: take only head ids that can exist, and no
+        # more entries than the ring holds.
+        published = min((self.used_idx - inflight.used_idx) & 0xFFFF, self.size)
+        done = [head for i in range(inflight.used_idx, inflight.used_idx + published)
+                if (head := USED_ELEM.unpack_from(self.used, 4 + 8 * (i % self.size))[0])
+                < self.size]
         inflight.completed(done, self.used_idx)
         heads = inflight.pending_heads()
         if heads:
@@ -470,19 +486,26 @@ class SplitVirtqueue:
         self._resubmit = []
         try:
             for head in heads:
-                if head >= self.size:
-                    raise RingError(f"inflight head {head} is not below queue size")
                 written: list[tuple[int, int]] = []
                 readable, writable = self._walk(head, written)
-                n = self.handler(head, readable, writable)
-                if n >= 0:
-                    self._mark_writes(written)
-                else:
-                    self._pending_writes[head] = written
-                if n >= 0:
-                    self.push_used(head, n)
+                self._serve(head, readable, writable, written)
         except RingError as e:
             self._publish()
             self.fail(str(e))
             return
+        except Exception as e:
+            log.exception("%s: internal error resubmitting requests", self.name)
+            self._publish()
+            self.fail(f"internal error: {e!r}")
+            return
         self._publish()
+
+    def _serve(self, head: int, readable: list[memoryview], writable: list[memoryview],
+               written: list[tuple[int, int]]) -> None:
+        """Hand a resolved chain to the device and account for its writes."""
+        n = self.handler(head, readable, writable)
+        if n >= 0:
+            self._mark_writes(written)
+            self.push_used(head, n)
+        else:
+            self._pending_writes[head] = written

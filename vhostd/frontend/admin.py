@@ -82,7 +82,8 @@ class AdminDriver:
         self.timeout = timeout
         self.client = VhostUserClient(socket_path, timeout=timeout)
         self.mem = GuestMemory([RegionSpec(0, 4 << 20)])
-        self.objects: dict[int, int] = {}  # member -> GET/SET object id it holds
+        self.objects: dict[int, int] = {}  # object id -> the member it belongs to
+        self.limit = 0  # device-parts objects the driver enabled (activate)
         self._next_id = 0
         try:
             self._setup()
@@ -196,14 +197,16 @@ class AdminDriver:
         There is no command that lists members; probe with a metadata read of an
         object that cannot exist: a real member answers ENXIO, one past the last
         INVALID_MEMBER."""
-        n = 0
         probe = struct.pack("<H2xIB7x", 0, 0xFFFFFFFF, 0)
-        while True:
+        for n in range(1 << 16):
             r = self.submit(C.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_GET, SRIOV, n + 1, probe, 8)
             if r.qualifier in (Q.VIRTIO_ADMIN_STATUS_Q_INVALID_MEMBER,
                                Q.VIRTIO_ADMIN_STATUS_Q_INVALID_GROUP):
                 return n
-            n += 1
+            if r.status != S.VIRTIO_ADMIN_STATUS_ENXIO:
+                raise AdminCommandError(C.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_GET, r.status,
+                                        r.qualifier)
+        raise RuntimeError("the owner reports more than 65536 members")
 
     # ---- member operations -------------------------------------------------
     def set_mode(self, member: int, stopped: bool, frozen: bool = False) -> None:
@@ -233,7 +236,7 @@ class AdminDriver:
         self.objects.pop(obj_id, None)
 
     def _free_id(self) -> int:
-        for i in range(getattr(self, "limit", 0) or 1 << 8):
+        for i in range(self.limit or 1 << 8):
             if i not in self.objects:
                 return i
         raise RuntimeError("no free device-parts object id")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -70,6 +71,8 @@ def adopt_listening_fd(fd: int) -> socket.socket:
     try:
         sock = socket.socket(fileno=fd)
     except OSError as e:
+        if e.errno == errno.ENOTSOCK:
+            os.close(fd)
         raise StartupError(f"--fd={fd}: {e.strerror}") from e
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         sock.detach()
@@ -161,7 +164,13 @@ class Connection:
     def _set_backend_channel(self, fd: int) -> None:
         if self.backend_channel is not None:
             self.backend_channel.close()
-        self.backend_channel = socket.socket(fileno=fd)
+            self.backend_channel = None
+        try:
+            self.backend_channel = socket.socket(fileno=fd)
+        except OSError as e:
+            os.close(fd)
+            raise ProtocolError(f"SET_BACKEND_REQ_FD: the fd is not a socket ({e.strerror})"
+                                ) from e
         self.backend_channel.setblocking(False)
 
     def send_backend_message(self, request: BackendRequest, payload: bytes) -> bool:

@@ -195,6 +195,7 @@ async def migrate(source_qmp: str, dest_qmp: str, uri: str, move: OwnerMove | No
                   fail_at_switchover: bool = False) -> Summary:
     """Run one migration; raise MigrationError with the source left running on A."""
     summary = Summary()
+    moved = False
     if move is not None:
         await asyncio.to_thread(check_members, move)
     src, dst = QMPClient("source"), QMPClient("destination")
@@ -213,7 +214,6 @@ async def migrate(source_qmp: str, dest_qmp: str, uri: str, move: OwnerMove | No
         t0 = time.monotonic()
         await src.execute("migrate", {"uri": uri})
         progress(f"migration started to {uri}")
-        moved = False
         last = ""
         shown = 0.0
         while True:
@@ -241,7 +241,7 @@ async def migrate(source_qmp: str, dest_qmp: str, uri: str, move: OwnerMove | No
                         raise MigrationError("failure injected at switch-over (test)")
                     summary.parts_bytes = await asyncio.to_thread(move_parts, move)
                 except Exception as e:
-                    await src.execute("migrate_cancel")
+                    moved = False  # move_parts resumed both members itself
                     raise MigrationError(f"moving device parts failed: {e}; migration "
                                          f"cancelled, the guest keeps running on member "
                                          f"{move.source}") from e
@@ -259,8 +259,6 @@ async def migrate(source_qmp: str, dest_qmp: str, uri: str, move: OwnerMove | No
                 summary.iterations = ram.get("dirty-sync-count", 0)
                 break
             elif status in ("failed", "cancelled"):
-                if moved and move is not None:
-                    await asyncio.to_thread(resume_member, move.owner_socket, move.source)
                 raise MigrationError(f"QEMU migration {status}: "
                                      f"{info.get('error-desc', 'no reason given')}")
             await asyncio.sleep(0.05)
@@ -275,13 +273,24 @@ async def migrate(source_qmp: str, dest_qmp: str, uri: str, move: OwnerMove | No
         progress(f"migration completed: total {summary.total_ms} ms, downtime "
                  f"{summary.downtime_ms} ms")
         return summary
-    except MigrationError:
-        raise
-    except Exception as e:
-        try:
-            await src.execute("migrate_cancel")
-        finally:
-            raise MigrationError(f"{type(e).__name__}: {e}") from e
+    except BaseException as e:
+        # Whatever went wrong, the guest must keep running on the source: cancel QEMU's
+        # migration (a paused pre-switchover source resumes) and, if the owner already
+        # stopped A, resume A.
+        completed = "completed" in summary.statuses
+        if not completed:
+            try:
+                await src.execute("migrate_cancel")
+            except Exception:
+                pass
+            if moved and move is not None:
+                try:
+                    await asyncio.to_thread(resume_member, move.owner_socket, move.source)
+                except Exception:
+                    pass
+        if isinstance(e, MigrationError):
+            raise
+        raise MigrationError(f"{type(e).__name__}: {e}") from e
     finally:
         for qmp in (src, dst):
             try:
