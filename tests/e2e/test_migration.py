@@ -52,9 +52,14 @@ class Cluster:
         self.daemon = vhostd(*args, socket_path=workdir / "owner.sock")
         self.owner = str(workdir / "owner.sock")
         self.vms: list[GuestVM] = []
+        self.packed = False
+
+    def blk(self, member: int) -> VhostUserBlkDisk:
+        props = {"packed": "on"} if self.packed else {}
+        return VhostUserBlkDisk(self.dir / f"m{member}.sock", props=props)
 
     def boot(self, member: int, script_args: list[str]) -> GuestVM:
-        vm = GuestVM(self.image, [VhostUserBlkDisk(self.dir / f"m{member}.sock")],
+        vm = GuestVM(self.image, [self.blk(member)],
                      run="migrate_load", args=script_args,
                      qmp=self.dir / f"q{len(self.vms)}.qmp")
         self.vms.append(vm)
@@ -62,7 +67,7 @@ class Cluster:
 
     def incoming(self, member: int, script_args: list[str]) -> tuple[GuestVM, str]:
         uri = f"unix:{self.dir}/mig{len(self.vms)}.sock"
-        vm = GuestVM(self.image, [VhostUserBlkDisk(self.dir / f"m{member}.sock")],
+        vm = GuestVM(self.image, [self.blk(member)],
                      run="migrate_load", args=script_args,
                      qmp=self.dir / f"q{len(self.vms)}.qmp", extra_args=["-incoming", uri])
         self.vms.append(vm)
@@ -216,3 +221,15 @@ def test_migrate_between_two_daemons_through_a_parts_stream(workdir: Path, vhost
     wce = [p for p in decode_parts(records[0].data)
            if p.part_type == PartType.VHOSTD_BLK_PART_WCE]
     assert wce[0].value == b"\x00"
+
+
+def test_packed_ring_guest_is_refused_and_keeps_running(cluster: Cluster) -> None:
+    """Live migration of packed virtqueues is not supported yet: refused up front."""
+    cluster.packed = True
+    args = ["15", "8M"]
+    vm = cluster.boot(1, args)
+    vm.wait_for("LOAD-ROUND 1 OK", TIMEOUT)
+    dst, uri = cluster.incoming(2, args)
+    with pytest.raises(MigrationError, match="packed virtqueues"):
+        run_migration(cluster, vm, dst, uri, 1, 2)
+    assert vm.wait_result(TIMEOUT), vm.console

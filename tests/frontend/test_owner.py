@@ -627,7 +627,7 @@ def test_stop_before_the_kick_is_seen(rig: Rig, admin: AdminDriver) -> None:
 # docs/admin-over-vhost-user.md section 6: DEV_PARTS_GET(ALL) of a one-queue member after
 # 50 requests (queue size 128, rings at GPA 0x0 / 0x800 / 0x908, writeback).
 DOC_PARTS_AFTER_50 = bytes.fromhex(
-    "00010100000000000000000008000000 467e003001000000"
+    "00010100000000000000000008000000 467e003005000000"
     "01010000000000000000000008000000 466e003001000000"
     "02010000120000000000000002000000 0100"
     "03010000000000000000000001000000 0f"

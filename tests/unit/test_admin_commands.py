@@ -67,8 +67,8 @@ SELF_SUPPORTED = sum(1 << op for op in (0, 1, 7, 8, 9))
 
 # What a vhostd blk member offers (virtio bits only): SIZE_MAX 1, SEG_MAX 2, BLK_SIZE 6,
 # FLUSH 9, TOPOLOGY 10, CONFIG_WCE 11, MQ 12, DISCARD 13, WRITE_ZEROES 14,
-# INDIRECT_DESC 28, EVENT_IDX 29, VERSION_1 32.
-BLK_DEV_FEATURES = 0x1_3000_7E46
+# INDIRECT_DESC 28, EVENT_IDX 29, VERSION_1 32, RING_PACKED 34.
+BLK_DEV_FEATURES = 0x5_3000_7E46
 PROTOCOL_FEATURES_BIT = 1 << 30
 # What the test driver acks: VERSION_1, FLUSH, CONFIG_WCE (no EVENT_IDX: every batch signals).
 DRIVER_ACK = 1 << 32 | 1 << 9 | 1 << 11
@@ -660,7 +660,7 @@ def _bad_lists(p: list[Parsed]) -> list[tuple[str, bytes]]:
          join(replace(p, DEV_FEATURES, u64(int.from_bytes(dev, "little") ^ 1 << 9)))),
         ("dev-features-zero", join(replace(p, DEV_FEATURES, bytes(8)))),
         ("drv-features-not-offered", join(replace(p, DRV_FEATURES, u64(DRIVER_ACK | 1 << 63)))),
-        ("drv-features-packed", join(replace(p, DRV_FEATURES, u64(DRIVER_ACK | 1 << 34)))),
+        ("drv-features-in-order", join(replace(p, DRV_FEATURES, u64(DRIVER_ACK | 1 << 35)))),
         ("drv-features-protocol-bit",
          join(replace(p, DRV_FEATURES, u64(DRIVER_ACK | PROTOCOL_FEATURES_BIT)))),
         ("numq-mismatch", join(replace(p, PCI_COMMON_CFG, b"\x02\x00", struct.pack("<I4x", 18)))),

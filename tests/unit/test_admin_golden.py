@@ -310,7 +310,7 @@ def test_engine_part_codec_matches_golden() -> None:
 def test_documented_parts_vector_decodes() -> None:
     """docs/admin-over-vhost-user.md section 6: GET(ALL) of a one-queue blk member after 50
     requests, decoded with the constructs field by field."""
-    blob = h("00010100000000000000000008000000 467e003001000000"
+    blob = h("00010100000000000000000008000000 467e003005000000"
              "01010000000000000000000008000000 466e003001000000"
              "02010000120000000000000002000000 0100"
              "03010000000000000000000001000000 0f"
@@ -324,7 +324,7 @@ def test_documented_parts_vector_decodes() -> None:
     assert [(p.hdr.part_type, p.hdr.flags, p.hdr.length) for p in parts] == [
         (0x100, 1, 8), (0x101, 0, 8), (0x102, 0, 2), (0x103, 0, 1), (0x104, 0, 32),
         (0x105, 0, 8), (0x5F0, 0, 8), (0x5F1, 0, 1)]
-    assert va.DevPartFeatures.parse(parts[0].value).feature_bits == [0x130007E46]
+    assert va.DevPartFeatures.parse(parts[0].value).feature_bits == [0x530007E46]
     assert va.DevPartFeatures.parse(parts[1].value).feature_bits == [0x130006E46]
     assert va.PciCommonCfgSelector.parse(parts[2].hdr.selector).offset == 18
     cfg = plain(va.DevPartVqCfg.parse(parts[4].value))

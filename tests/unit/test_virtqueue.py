@@ -708,7 +708,8 @@ def _start_connection(backend: VhostUserBackend, ram: GuestRam, ring: Ring, infl
     send(frame(R.GET_PROTOCOL_FEATURES))
     send(frame(R.SET_PROTOCOL_FEATURES, u64(proto.info.protocol_features)))
     send(frame(R.SET_OWNER))
-    send(frame(R.SET_FEATURES, u64(proto.info.features)))
+    # Split rings here: RING_PACKED (bit 34) is offered but not acked.
+    send(frame(R.SET_FEATURES, u64(proto.info.features & ~(1 << 34))))
     send(frame(R.SET_INFLIGHT_FD, inflight_payload(inflight_queue_stride(QS), 0, 1, QS)),
          [os.dup(inflight_fd)])
     send(frame(R.SET_VRING_CALL, vring_fd(0)), [os.dup(eventfd())])

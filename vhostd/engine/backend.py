@@ -25,6 +25,7 @@ from .dirtylog import DirtyLog
 from .dirtytrack import WriteTracker
 from .inflight import InflightRegion
 from .memory import GuestMemory, GuestMemoryError, close_fds
+from .packed import PackedVirtqueue, set_layout
 from .parts import VHOST_ONLY_FEATURES, Part, PartsError, StagedParts
 from .parts import check as check_parts
 from .parts import collect as collect_parts
@@ -88,6 +89,7 @@ ENGINE_FEATURES = (
     | 1 << Feature.VIRTIO_RING_F_EVENT_IDX
     | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES
     | 1 << vu.VHOST_F_LOG_ALL
+    | 1 << Feature.VIRTIO_F_RING_PACKED
 )
 
 PROTOCOL_FEATURES = (
@@ -218,6 +220,12 @@ class VhostUserBackend:
 
     def _apply_features(self, features: int) -> None:
         self.features = features
+        packed = bool(features & 1 << Feature.VIRTIO_F_RING_PACKED)
+        for q in self.queues:
+            if q.started and q.configured and isinstance(q, PackedVirtqueue) != packed:
+                self.log.warning("%s: ring layout cannot change while it runs", q.name)
+                continue
+            set_layout(q, packed)
         self._update_logging()
         event_idx = bool(features & 1 << Feature.VIRTIO_RING_F_EVENT_IDX)
         indirect = bool(features & 1 << Feature.VIRTIO_RING_F_INDIRECT_DESC)
@@ -339,6 +347,9 @@ class VhostUserBackend:
 
     def _on_set_vring_base(self, msg: Message) -> None:
         q = self.queues[msg.ring]  # type: ignore[index]
+        if isinstance(q, PackedVirtqueue):
+            q.set_base(msg.body.num)
+            return
         if msg.body.num > 0xFFFF:
             raise ProtocolError(f"SET_VRING_BASE: {msg.body.num:#x} is not a split-ring index")
         q.last_avail_idx = msg.body.num
@@ -373,6 +384,10 @@ class VhostUserBackend:
         inflight = self.inflight
         q.inflight = None
         if inflight is None or not q.size:
+            return
+        if isinstance(q, PackedVirtqueue):
+            self.log.warning("%s: inflight tracking covers split rings only; a restart "
+                             "of vhostd may lose this packed ring's requests in flight", q.name)
             return
         if inflight.queue_size == q.size and q.index < inflight.num_queues:
             q.inflight = inflight.queues[q.index]
@@ -594,9 +609,13 @@ class VhostUserBackend:
             if (reconfigured or state is not None) and q.kick_fd is not None and q.configured:
                 q.start(self.memory)
             if state is not None:
-                q.last_avail_idx = state.last_avail_idx
-                if q.used is None:
-                    q.used_idx = state.used_idx
+                if isinstance(q, PackedVirtqueue):
+                    q.set_base(state.last_avail_idx | state.avail_wrap_counter << 15
+                               | (state.used_idx | state.used_wrap_counter << 15) << 16)
+                else:
+                    q.last_avail_idx = state.last_avail_idx
+                    if q.used is None:
+                        q.used_idx = state.used_idx
 
 
 def _unset_handler(head: int, readable: list[memoryview], writable: list[memoryview]) -> int:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from vhostd_proto import virtio_admin as va
 from vhostd_proto.vhost_user import VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES
-from vhostd_proto.virtio import VIRTQ_MAX_SIZE
+from vhostd_proto.virtio import VIRTQ_MAX_SIZE, Feature
 from vhostd_proto.virtio_admin import PartType as P
 
 if TYPE_CHECKING:
@@ -180,7 +180,8 @@ def collect(backend: VhostUserBackend) -> list[Part]:
         parts.append(Part(P.VHOSTD_DEV_PART_VQ_STATE, 0, vq_selector(q.index),
                           va.VhostdVqState.build({
                               "last_avail_idx": q.last_avail_idx, "used_idx": q.used_idx,
-                              "avail_wrap_counter": 0, "used_wrap_counter": 0,
+                              "avail_wrap_counter": getattr(q, "avail_wrap", 0),
+                              "used_wrap_counter": getattr(q, "used_wrap", 0),
                               "reserved": bytes(2)})))
     for ptype, value in dev.get_parts():
         parts.append(Part(ptype, 0, _NO_SELECTOR, value))
@@ -282,8 +283,13 @@ def _check_one(backend: VhostUserBackend, part: Part, staged: StagedParts) -> No
     elif ptype == P.VHOSTD_DEV_PART_VQ_STATE:
         index = _queue_index(backend, part)
         state = va.VhostdVqState.parse(part.value)
-        if state.avail_wrap_counter or state.used_wrap_counter:
+        packed = bool(backend.features & 1 << Feature.VIRTIO_F_RING_PACKED)
+        if staged.drv_features is not None:
+            packed = bool(staged.drv_features & 1 << Feature.VIRTIO_F_RING_PACKED)
+        if not packed and (state.avail_wrap_counter or state.used_wrap_counter):
             raise PartsError(f"queue {index}: wrap counters on a split ring")
+        if state.avail_wrap_counter > 1 or state.used_wrap_counter > 1:
+            raise PartsError(f"queue {index}: wrap counters must be 0 or 1")
         staged.vq_state[index] = state
     else:
         try:

@@ -1,0 +1,301 @@
+"""Device side of a packed virtqueue (VIRTIO_F_RING_PACKED).
+
+One descriptor ring shared by both sides: the driver makes a descriptor available by
+setting its AVAIL flag to the driver's wrap counter (and USED to the opposite), the
+device hands a buffer back by writing a descriptor with both flags equal to its own
+wrap counter, at its next used position, carrying the buffer id and the written
+length. A chain's buffer id is in its last descriptor; a used descriptor consumes as
+many ring slots as the chain had. Requests complete inline and in order, so used
+descriptors never overwrite a descriptor still in flight.
+
+The driver area holds the driver's event suppression (when to interrupt), the device
+area the device's (when to kick). The device asks for every kick (flags ENABLE), which
+cannot lose one; it interrupts per the driver's ENABLE / DISABLE / DESC setting.
+
+Same rules as the split engine: struct on memoryviews, hostile input checked, a ring
+that breaks the rules stops with a log line and a signal on its err fd.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .barrier import full_barrier
+from .memory import GuestMemory, GuestMemoryError
+from .virtqueue import VIRTQ_MAX_SIZE, RingError, SplitVirtqueue, _signal
+
+PDESC = struct.Struct("<QIHH")  # addr, len, id, flags
+_pdesc_unpack = PDESC.unpack_from
+_U16 = struct.Struct("<H")
+_u16_unpack = _U16.unpack_from
+_u16_pack = _U16.pack_into
+_ID_LEN = struct.Struct("<IH")  # len at offset 8, id at offset 12
+
+VRING_PACKED_DESC_F_AVAIL = 1 << 7
+VRING_PACKED_DESC_F_USED = 1 << 15
+F_NEXT = 1
+F_WRITE = 2
+F_INDIRECT = 4
+RING_EVENT_FLAGS_ENABLE = 0
+RING_EVENT_FLAGS_DISABLE = 1
+RING_EVENT_FLAGS_DESC = 2
+EVENT_SUPPRESS_SIZE = 4  # le16 off_wrap; le16 flags
+
+
+class PackedVirtqueue(SplitVirtqueue):
+    """A packed ring. It shares configuration, lifecycle and logging with the split
+    engine; a queue becomes packed when VIRTIO_F_RING_PACKED is negotiated
+    (:func:`set_layout`), keeping its identity (the event loop holds it)."""
+
+    avail_wrap: int
+    used_wrap: int
+    _chain_len: dict[int, int]
+
+    def _init_packed(self) -> None:
+        self.avail_wrap = 1
+        self.used_wrap = 1
+        self._chain_len = {}
+        self._batch_old = 0
+        self._batch_wrapped = False
+
+    # ---- vhost-user base encoding -------------------------------------------
+    def set_base(self, num: int) -> None:
+        """SET_VRING_BASE: bits 0-14 next avail, bit 15 its wrap counter.
+
+        The high half may carry a used position, but vhostd never stops a ring with a
+        request in flight, so the used position always equals the avail one; and QEMU
+        7.2 fills that half from the split-ring used index of a packed ring's device
+        area (a meaningless 0) after a stop, which would put used descriptors over
+        live ones on the migration destination. So it is ignored."""
+        self.last_avail_idx = num & 0x7FFF
+        self.avail_wrap = num >> 15 & 1
+        self.used_idx = self.last_avail_idx
+        self.used_wrap = self.avail_wrap
+
+    def base(self) -> int:
+        return (self.last_avail_idx | self.avail_wrap << 15
+                | (self.used_idx | self.used_wrap << 15) << 16)
+
+    # ---- lifecycle ---------------------------------------------------------
+    def start(self, memory: GuestMemory) -> None:
+        self.memory = memory
+        self.started = True
+        self.broken = False
+        self._resubmit = []
+        if not self.configured:
+            return
+        if self.last_avail_idx >= self.size or self.used_idx >= self.size:
+            self.fail(f"ring position {self.last_avail_idx}/{self.used_idx} is not below "
+                      f"the queue size {self.size}")
+            return
+        try:
+            self.resolve()
+        except RingError as e:
+            self.fail(str(e))
+            return
+        self._signalled_valid = False
+        # Ask for every kick.
+        _u16_pack(self.used, 2, RING_EVENT_FLAGS_ENABLE)
+
+    def resolve(self) -> None:
+        if self.memory is None or not self.size:
+            raise RingError(f"{self.name}: started without a size or memory table")
+        self.translate_addr()
+        try:
+            # desc: the ring; avail: driver event suppression; used: device's.
+            self.desc = self.memory.gpa(self.desc_addr, 16 * self.size)
+            self.avail = self.memory.gpa(self.avail_addr, EVENT_SUPPRESS_SIZE)
+            self.used = self.memory.gpa(self.used_addr, EVENT_SUPPRESS_SIZE)
+        except GuestMemoryError as e:
+            self.desc = self.avail = self.used = None
+            raise RingError(f"{self.name}: ring not in guest memory: {e}") from e
+
+    def stop(self) -> int:
+        if self.started and not self.broken:
+            self._publish()
+        self.started = False
+        self._resubmit = []
+        self.desc = self.avail = self.used = None
+        return self.base()
+
+    def unconfigure(self) -> None:
+        super().unconfigure()
+        self._init_packed()
+
+    # ---- data path ---------------------------------------------------------
+    def _drain(self) -> None:
+        desc = self.desc
+        num = self.size
+        handler = self.handler
+        walk = self._walk
+        logging = self.dirty_log is not None or self.tracker is not None
+        while True:
+            flags = _u16_unpack(desc, 16 * self.last_avail_idx + 14)[0]
+            avail = flags & VRING_PACKED_DESC_F_AVAIL != 0
+            used = flags & VRING_PACKED_DESC_F_USED != 0
+            if avail != bool(self.avail_wrap) or used == bool(self.avail_wrap):
+                return  # kicks stay enabled: the driver will kick for the next one
+            written: list[tuple[int, int]] | None = [] if logging else None
+            buf_id, count, readable, writable = walk(self.last_avail_idx, written)
+            pos = self.last_avail_idx + count
+            if pos >= num:
+                pos -= num
+                self.avail_wrap ^= 1
+            self.last_avail_idx = pos
+            n = handler(buf_id, readable, writable)
+            if n >= 0:
+                if written:
+                    self._mark_writes(written)
+                self._push(buf_id, n, count)
+            else:
+                self._chain_len[buf_id] = count
+                if written is not None:
+                    self._pending_writes[buf_id] = written
+
+    def _walk(self, head: int, written: list[tuple[int, int]] | None = None
+              ) -> tuple[int, int, list[memoryview], list[memoryview]]:  # type: ignore[override]
+        """The chain starting at ring slot ``head``: (buffer id, ring slots used,
+        readable views, writable views)."""
+        desc = self.desc
+        num = self.size
+        gpa_iov = self.memory.gpa_iov  # type: ignore[union-attr]
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        i = head
+        count = 0
+        while True:
+            if count >= num:
+                raise RingError(f"chain at slot {head} is longer than the ring ({num})")
+            addr, length, buf_id, flags = _pdesc_unpack(desc, 16 * i)
+            count += 1
+            if flags & F_INDIRECT:
+                if flags & F_NEXT or count != 1:
+                    raise RingError(f"chain at slot {head}: indirect descriptor in a chain")
+                if not self.indirect:
+                    raise RingError(f"chain at slot {head}: indirect descriptor without "
+                                    f"VIRTIO_RING_F_INDIRECT_DESC")
+                self._walk_indirect(head, addr, length, readable, writable, written)
+                return buf_id, 1, readable, writable
+            try:
+                if flags & F_WRITE:
+                    gpa_iov(addr, length, writable)
+                    if written is not None:
+                        written.append((addr, length))
+                else:
+                    if writable:
+                        raise RingError(f"chain at slot {head}: readable descriptor after a "
+                                        f"writable one")
+                    gpa_iov(addr, length, readable)
+            except GuestMemoryError as e:
+                raise RingError(f"chain at slot {head}: {e}") from e
+            if not flags & F_NEXT:
+                return buf_id, count, readable, writable
+            i += 1
+            if i == num:
+                i = 0
+
+    def _walk_indirect(self, head: int, addr: int, length: int, readable: list[memoryview],
+                       writable: list[memoryview],
+                       written: list[tuple[int, int]] | None) -> None:
+        if length == 0 or length % 16 or length // 16 > VIRTQ_MAX_SIZE:
+            raise RingError(f"chain at slot {head}: indirect table length {length}")
+        try:
+            table = self.memory.gpa(addr, length)  # type: ignore[union-attr]
+        except GuestMemoryError as e:
+            raise RingError(f"chain at slot {head}: indirect table: {e}") from e
+        gpa_iov = self.memory.gpa_iov  # type: ignore[union-attr]
+        for off in range(0, length, 16):
+            a, n, _id, flags = _pdesc_unpack(table, off)
+            if flags & F_INDIRECT:
+                raise RingError(f"chain at slot {head}: indirect descriptor inside an "
+                                f"indirect table")
+            try:
+                if flags & F_WRITE:
+                    gpa_iov(a, n, writable)
+                    if written is not None:
+                        written.append((a, n))
+                else:
+                    if writable:
+                        raise RingError(f"chain at slot {head}: readable descriptor after a "
+                                        f"writable one")
+                    gpa_iov(a, n, readable)
+            except GuestMemoryError as e:
+                raise RingError(f"chain at slot {head}: {e}") from e
+
+    def _push(self, buf_id: int, length: int, count: int) -> None:
+        """Write the used descriptor for a chain of ``count`` slots."""
+        desc = self.desc
+        if desc is None:
+            return
+        if not self._batch:
+            self._batch_old = self.used_idx
+            self._batch_wrapped = False
+        off = 16 * self.used_idx
+        _ID_LEN.pack_into(desc, off + 8, length, buf_id)
+        flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if self.used_wrap else 0
+        # id and len before flags: x86 keeps the stores in this order.
+        _u16_pack(desc, off + 14, flags)
+        if self.dirty_log is not None or self.tracker is not None:
+            self._mark_ring(off, 16)
+        pos = self.used_idx + count
+        if pos >= self.size:
+            pos -= self.size
+            self.used_wrap ^= 1
+            self._batch_wrapped = True
+        self.used_idx = pos
+        self._batch.append(buf_id)
+        self.requests += 1
+
+    def push_used(self, head: int, length: int) -> None:
+        self._push(head, length, self._chain_len.pop(head, 1))
+
+    def complete(self, head: int, length: int) -> None:
+        written = self._pending_writes.pop(head, None)
+        if not self.started or self.broken or self.desc is None:
+            return
+        if written:
+            self._mark_writes(written)
+        self.push_used(head, length)
+        self._publish()
+
+    def _mark_ring(self, offset: int, length: int) -> None:
+        # The used "ring" of a packed queue is the descriptor ring itself.
+        if self.dirty_log is not None and self.addr_flags & 1:
+            self.dirty_log.mark(self.desc_addr + offset, length)
+        if self.tracker is not None:
+            self.tracker.mark(self.desc_addr + offset, length)
+
+    def _publish(self) -> None:
+        if not self._batch or self.desc is None:
+            return
+        self._batch = []
+        if self._needs_signal(self._batch_old, self.used_idx):
+            _signal(self.call_fd)
+
+    def _needs_signal(self, old: int, new: int) -> bool:
+        full_barrier()
+        off_wrap, flags = struct.unpack_from("<HH", self.avail, 0)
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags != RING_EVENT_FLAGS_DESC or not self.event_idx:
+            return True
+        if self._batch_wrapped or not self._signalled_valid:
+            self._signalled_valid = True
+            return True  # over-signalling is always safe
+        off = off_wrap & 0x7FFF
+        if off_wrap >> 15 != self.used_wrap:
+            off -= self.size
+        return ((new - off - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+    def _recover_inflight(self) -> None:
+        # The inflight region covers split rings only (docs/architecture.md).
+        pass
+
+
+def set_layout(q: SplitVirtqueue, packed: bool) -> None:
+    """Make ``q`` a packed or a split queue, keeping its configuration and fds."""
+    if packed and not isinstance(q, PackedVirtqueue):
+        q.__class__ = PackedVirtqueue
+        q._init_packed()  # type: ignore[attr-defined]
+    elif not packed and isinstance(q, PackedVirtqueue):
+        q.__class__ = SplitVirtqueue
