@@ -7,8 +7,10 @@ logs its writes; at switch-over the owner device moves the member's device parts
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -233,3 +235,49 @@ def test_packed_ring_guest_is_refused_and_keeps_running(cluster: Cluster) -> Non
     with pytest.raises(MigrationError, match="packed virtqueues"):
         run_migration(cluster, vm, dst, uri, 1, 2)
     assert vm.wait_result(TIMEOUT), vm.console
+
+
+def _qmp_command(path: Path, command: str) -> dict[str, object]:
+    """One command on a QMP socket, the plain way (a second monitor of the source)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        f = s.makefile("rwb")
+        json.loads(f.readline())  # greeting
+        for cmd in ("qmp_capabilities", command):
+            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            f.flush()
+            while True:
+                reply = json.loads(f.readline())
+                if "return" in reply or "error" in reply:
+                    break
+        return reply
+
+
+def test_cancelled_qemu_migration_keeps_the_source(cluster: Cluster) -> None:
+    args = ["20", "8M"]
+    monitor = cluster.dir / "source-monitor.qmp"
+    vm = GuestVM(cluster.image, [cluster.blk(1)], run="migrate_load", args=args,
+                 qmp=cluster.dir / "q0.qmp",
+                 extra_args=["-qmp", f"unix:{monitor},server=on,wait=off"])
+    cluster.vms.append(vm)
+    vm.start()
+    vm.wait_for("LOAD-ROUND 1 OK", TIMEOUT)
+    dst, uri = cluster.incoming(2, args)
+    cancelled: list[object] = []
+
+    def cancel_while_active(line: str) -> None:
+        print(line)
+        if "active" in line and not cancelled:
+            # The operator cancels from another monitor while RAM is being copied.
+            cancelled.append(_qmp_command(monitor, "migrate_cancel"))
+
+    with pytest.raises(MigrationError, match=r"QEMU migration cancelled"):
+        asyncio.run(migrate(str(vm.qmp), str(dst.qmp), uri, OwnerMove(cluster.owner, 1, 2),
+                            progress=cancel_while_active))
+    assert cancelled and "return" in cancelled[0]  # type: ignore[operator]
+    round_now = int(vm.wait_for(r"LOAD-ROUND (\d+) OK", TIMEOUT).group(1))
+    vm.wait_for(rf"LOAD-ROUND {round_now + 1} OK", TIMEOUT)
+    assert vm.wait_result(TIMEOUT), vm.console
+    # Member 1 was never stopped by the owner: it served the guest throughout.
+    assert "member1: stopped by the owner" not in cluster.daemon.log

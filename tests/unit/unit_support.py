@@ -17,6 +17,7 @@ from typing import Any
 from vhostd.core.protocol import BackendProtocol, DeviceInfo, Message
 from vhostd.engine.backend import ENGINE_FEATURES, PROTOCOL_FEATURES
 from vhostd.engine.memory import GuestMemory
+from vhostd.engine.packed import PackedVirtqueue, set_layout
 from vhostd.engine.virtqueue import SplitVirtqueue
 from vhostd_proto.vhost_user import Request as R
 
@@ -315,3 +316,144 @@ class Recorder:
     @property
     def heads(self) -> list[int]:
         return [c.head for c in self.calls]
+
+
+# ---- packed rings (virtio 1.1+ 2.8) --------------------------------------------
+
+PF_AVAIL = 1 << 7
+PF_USED = 1 << 15
+EVENT_ENABLE, EVENT_DISABLE, EVENT_DESC = 0, 1, 2
+NOT_THE_ID = 0xBEEF  # put in every descriptor of a chain but the last
+
+
+def packed_avail_flags(wrap: int) -> int:
+    """AVAIL/USED bits of a descriptor the driver makes available in lap ``wrap``."""
+    return PF_AVAIL if wrap else PF_USED
+
+
+def packed_used_flags(wrap: int) -> int:
+    """AVAIL/USED bits of a descriptor the device used in lap ``wrap``."""
+    return PF_AVAIL | PF_USED if wrap else 0
+
+
+@dataclass
+class UsedDesc:
+    slot: int
+    id: int
+    len: int
+    flags: int
+
+
+class PackedRing:
+    """A packed ring in guest RAM, driven by the test the way a driver would: it keeps
+    its own next-avail and next-used positions and wrap counters."""
+
+    def __init__(self, ram: GuestRam, size: int, desc: int, driver: int, device: int) -> None:
+        self.ram = ram
+        self.size = size
+        self.desc_gpa, self.driver_gpa, self.device_gpa = desc, driver, device
+        self.next_avail, self.avail_wrap = 0, 1
+        self.next_used, self.used_wrap = 0, 1
+        self.slots: dict[int, int] = {}  # buffer id -> ring slots of its chain
+        ram.write(desc, bytes(16 * size))
+        ram.write(driver, bytes(4))
+        ram.write(device, bytes(4))
+
+    # raw access
+    def write_desc(self, slot: int, addr: int, length: int, buf_id: int, flags: int) -> None:
+        self.ram.write(self.desc_gpa + 16 * slot, DESC_FMT.pack(addr, length, buf_id, flags))
+
+    def read_desc(self, slot: int) -> tuple[int, int, int, int]:
+        """(addr, len, id, flags) of ring slot ``slot``."""
+        return DESC_FMT.unpack(self.ram.read(self.desc_gpa + 16 * slot, 16))
+
+    def set_position(self, slot: int, wrap: int) -> None:
+        """Where the driver continues (as after SET_VRING_BASE)."""
+        self.next_avail = self.next_used = slot
+        self.avail_wrap = self.used_wrap = wrap
+
+    # driver side
+    def add(self, buf_id: int, bufs: list[tuple[int, int, int]]) -> int:
+        """Make a chain of (addr, len, flags) available; the id goes into its last
+        descriptor only. The head's flags are written last. Returns the head slot."""
+        head = self.next_avail
+        head_flags = 0
+        for k, (addr, length, flags) in enumerate(bufs):
+            last = k == len(bufs) - 1
+            f = flags | (0 if last else F_NEXT) | packed_avail_flags(self.avail_wrap)
+            slot = self.next_avail
+            self.write_desc(slot, addr, length, buf_id if last else NOT_THE_ID,
+                            f & ~(PF_AVAIL | PF_USED) if k == 0 else f)
+            if k == 0:
+                head_flags = f
+            self.next_avail += 1
+            if self.next_avail == self.size:
+                self.next_avail = 0
+                self.avail_wrap ^= 1
+        # Publishing: the head's AVAIL/USED bits go in last (x86 keeps stores in order).
+        self.ram.write(self.desc_gpa + 16 * head + 14, struct.pack("<H", head_flags))
+        self.slots[buf_id] = len(bufs)
+        return head
+
+    def add_indirect(self, buf_id: int, table: int, bufs: list[tuple[int, int, int]],
+                     ring_flags: int = 0) -> int:
+        """One ring descriptor pointing at an indirect table of (addr, len, flags)."""
+        for k, (addr, length, flags) in enumerate(bufs):
+            self.ram.write(table + 16 * k, DESC_FMT.pack(addr, length, 0, flags))
+        head = self.next_avail
+        self.write_desc(head, table, 16 * len(bufs), buf_id,
+                        F_INDIRECT | ring_flags | packed_avail_flags(self.avail_wrap))
+        self.next_avail += 1
+        if self.next_avail == self.size:
+            self.next_avail = 0
+            self.avail_wrap ^= 1
+        self.slots[buf_id] = 1
+        return head
+
+    def take_used(self) -> list[UsedDesc]:
+        """Every used descriptor the device wrote since the last call, in order."""
+        out: list[UsedDesc] = []
+        while self.slots:  # like a driver, look only while buffers are outstanding
+            _, length, buf_id, flags = self.read_desc(self.next_used)
+            want = packed_used_flags(self.used_wrap)
+            if flags & (PF_AVAIL | PF_USED) != want:
+                return out
+            # Only AVAIL/USED are checked: the other flag bits of a used descriptor are
+            # not the driver's business (WRITE is optional).
+            out.append(UsedDesc(self.next_used, buf_id, length, flags & (PF_AVAIL | PF_USED)))
+            assert buf_id in self.slots, f"device used unknown buffer id {buf_id}"
+            self.next_used += self.slots.pop(buf_id)
+            if self.next_used >= self.size:
+                self.next_used -= self.size
+                self.used_wrap ^= 1
+        return out
+
+    def set_driver_event(self, flags: int, off: int = 0, wrap: int = 0) -> None:
+        self.ram.write(self.driver_gpa, struct.pack("<HH", off | wrap << 15, flags))
+
+    @property
+    def device_event(self) -> tuple[int, int]:
+        """(off_wrap, flags) of the device's event suppression."""
+        return struct.unpack("<HH", self.ram.read(self.device_gpa, 4))
+
+    # the device under test
+    def queue(self, handler: Callable[[int, list[memoryview], list[memoryview]], int], *,
+              event_idx: bool = False, indirect: bool = True, call_fd: int | None = None,
+              err_fd: int | None = None, base: int | None = None, addr_flags: int = 0,
+              log_addr: int = 0, start: bool = True) -> PackedVirtqueue:
+        """A queue made packed the way SET_FEATURES does it, configured for this ring."""
+        q = SplitVirtqueue(0, handler)
+        set_layout(q, packed=True)
+        assert isinstance(q, PackedVirtqueue)
+        q.set_num(self.size)
+        # SET_VRING_ADDR: desc, used (device area), avail (driver area), log.
+        q.set_addr(addr_flags, self.ram.qva(self.desc_gpa), self.ram.qva(self.device_gpa),
+                   self.ram.qva(self.driver_gpa), log_addr)
+        q.set_features(event_idx=event_idx, indirect=indirect)
+        q.call_fd, q.err_fd = call_fd, err_fd
+        if base is not None:
+            q.set_base(base)
+        q.enabled = True
+        if start:
+            q.start(self.ram.memory)
+        return q

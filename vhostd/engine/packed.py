@@ -96,6 +96,10 @@ class PackedVirtqueue(SplitVirtqueue):
         self._signalled_valid = False
         # Ask for every kick.
         _u16_pack(self.used, 2, RING_EVENT_FLAGS_ENABLE)
+        if self.dirty_log is not None and self.addr_flags & 1:
+            self.dirty_log.mark(self.used_addr + 2, 2)
+        if self.tracker is not None:
+            self.tracker.mark(self.used_addr + 2, 2)
 
     def resolve(self) -> None:
         if self.memory is None or not self.size:
@@ -136,8 +140,9 @@ class PackedVirtqueue(SplitVirtqueue):
             if avail != bool(self.avail_wrap) or used == bool(self.avail_wrap):
                 return  # kicks stay enabled: the driver will kick for the next one
             written: list[tuple[int, int]] | None = [] if logging else None
-            buf_id, count, readable, writable = walk(self.last_avail_idx, written)
-            pos = self.last_avail_idx + count
+            slot = self.last_avail_idx
+            buf_id, count, readable, writable = walk(slot, written)
+            pos = slot + count
             if pos >= num:
                 pos -= num
                 self.avail_wrap ^= 1
@@ -149,8 +154,12 @@ class PackedVirtqueue(SplitVirtqueue):
                 self._push(buf_id, n, count)
             else:
                 self._chain_len[buf_id] = count
-                if written is not None:
-                    self._pending_writes[buf_id] = written
+                if written is None:
+                    # Logging may begin before it completes: learn its buffers now,
+                    # while the chain's slots are certainly still the driver's.
+                    written = []
+                    walk(slot, written)
+                self._pending_writes[buf_id] = written
 
     def _walk(self, head: int, written: list[tuple[int, int]] | None = None
               ) -> tuple[int, int, list[memoryview], list[memoryview]]:  # type: ignore[override]
