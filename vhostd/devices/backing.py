@@ -59,30 +59,23 @@ class FileBackend:
         return os.lseek(self.fd, 0, os.SEEK_END)
 
     def readv(self, iov: list[memoryview], offset: int) -> None:
-        fd = self.fd
-        if len(iov) > IOV_MAX:
-            for i in range(0, len(iov), IOV_MAX):
-                part = iov[i:i + IOV_MAX]
-                self.readv(part, offset)
-                offset += sum(map(len, part))
-            return
-        want = sum(map(len, iov))
-        got = os.preadv(fd, iov, offset)
-        if got != want:
-            self._finish_short(iov, offset, got, want, write=False)
+        self._transfer(iov, offset, write=False)
 
     def writev(self, iov: list[memoryview], offset: int) -> None:
-        fd = self.fd
+        self._transfer(iov, offset, write=True)
+
+    def _transfer(self, iov: list[memoryview], offset: int, write: bool) -> None:
+        """One vectored call straight between guest memory and the file."""
         if len(iov) > IOV_MAX:
             for i in range(0, len(iov), IOV_MAX):
                 part = iov[i:i + IOV_MAX]
-                self.writev(part, offset)
+                self._transfer(part, offset, write)
                 offset += sum(map(len, part))
             return
         want = sum(map(len, iov))
-        got = os.pwritev(fd, iov, offset)
+        got = (os.pwritev if write else os.preadv)(self.fd, iov, offset)
         if got != want:
-            self._finish_short(iov, offset, got, want, write=True)
+            self._finish_short(iov, offset, got, want, write)
 
     def _finish_short(self, iov: list[memoryview], offset: int, done: int, want: int,
                       write: bool) -> None:

@@ -420,20 +420,19 @@ class VhostUserBackend:
         q.process()
 
     def _on_set_vring_call(self, msg: Message) -> None:
-        q = self.queues[msg.ring]  # type: ignore[index]
-        if q.call_fd is not None:
-            os.close(q.call_fd)
-        q.call_fd = msg.fd
-        if msg.fd is not None:
-            os.set_blocking(msg.fd, False)
+        self._replace_eventfd(self.queues[msg.ring], "call_fd", msg.fd)  # type: ignore[index]
 
     def _on_set_vring_err(self, msg: Message) -> None:
-        q = self.queues[msg.ring]  # type: ignore[index]
-        if q.err_fd is not None:
-            os.close(q.err_fd)
-        q.err_fd = msg.fd
-        if msg.fd is not None:
-            os.set_blocking(msg.fd, False)
+        self._replace_eventfd(self.queues[msg.ring], "err_fd", msg.fd)  # type: ignore[index]
+
+    @staticmethod
+    def _replace_eventfd(q: SplitVirtqueue, attr: str, fd: int | None) -> None:
+        old = getattr(q, attr)
+        if old is not None:
+            os.close(old)
+        setattr(q, attr, fd)
+        if fd is not None:
+            os.set_blocking(fd, False)
 
     def _on_get_vring_base(self, msg: Message) -> bytes:
         q = self.queues[msg.ring]  # type: ignore[index]

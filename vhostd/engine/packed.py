@@ -167,7 +167,6 @@ class PackedVirtqueue(SplitVirtqueue):
         readable views, writable views)."""
         desc = self.desc
         num = self.size
-        gpa_iov = self.memory.gpa_iov  # type: ignore[union-attr]
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         i = head
@@ -185,18 +184,7 @@ class PackedVirtqueue(SplitVirtqueue):
                                     f"VIRTIO_RING_F_INDIRECT_DESC")
                 self._walk_indirect(head, addr, length, readable, writable, written)
                 return buf_id, 1, readable, writable
-            try:
-                if flags & F_WRITE:
-                    gpa_iov(addr, length, writable)
-                    if written is not None:
-                        written.append((addr, length))
-                else:
-                    if writable:
-                        raise RingError(f"chain at slot {head}: readable descriptor after a "
-                                        f"writable one")
-                    gpa_iov(addr, length, readable)
-            except GuestMemoryError as e:
-                raise RingError(f"chain at slot {head}: {e}") from e
+            self._take(head, addr, length, flags, readable, writable, written)
             if not flags & F_NEXT:
                 return buf_id, count, readable, writable
             i += 1
@@ -212,24 +200,29 @@ class PackedVirtqueue(SplitVirtqueue):
             table = self.memory.gpa(addr, length)  # type: ignore[union-attr]
         except GuestMemoryError as e:
             raise RingError(f"chain at slot {head}: indirect table: {e}") from e
-        gpa_iov = self.memory.gpa_iov  # type: ignore[union-attr]
         for off in range(0, length, 16):
             a, n, _id, flags = _pdesc_unpack(table, off)
             if flags & F_INDIRECT:
                 raise RingError(f"chain at slot {head}: indirect descriptor inside an "
                                 f"indirect table")
-            try:
-                if flags & F_WRITE:
-                    gpa_iov(a, n, writable)
-                    if written is not None:
-                        written.append((a, n))
-                else:
-                    if writable:
-                        raise RingError(f"chain at slot {head}: readable descriptor after a "
-                                        f"writable one")
-                    gpa_iov(a, n, readable)
-            except GuestMemoryError as e:
-                raise RingError(f"chain at slot {head}: {e}") from e
+            self._take(head, a, n, flags, readable, writable, written)
+
+    def _take(self, head: int, addr: int, length: int, flags: int,
+              readable: list[memoryview], writable: list[memoryview],
+              written: list[tuple[int, int]] | None) -> None:
+        """Add one descriptor's buffer to the chain being resolved."""
+        try:
+            if flags & F_WRITE:
+                self.memory.gpa_iov(addr, length, writable)  # type: ignore[union-attr]
+                if written is not None:
+                    written.append((addr, length))
+            else:
+                if writable:
+                    raise RingError(f"chain at slot {head}: readable descriptor after a "
+                                    f"writable one")
+                self.memory.gpa_iov(addr, length, readable)  # type: ignore[union-attr]
+        except GuestMemoryError as e:
+            raise RingError(f"chain at slot {head}: {e}") from e
 
     def _push(self, buf_id: int, length: int, count: int) -> None:
         """Write the used descriptor for a chain of ``count`` slots."""
