@@ -78,11 +78,7 @@ class PackedVirtqueue(SplitVirtqueue):
 
     # ---- lifecycle ---------------------------------------------------------
     def start(self, memory: GuestMemory) -> None:
-        self.memory = memory
-        self.started = True
-        self.broken = False
-        self._resubmit = []
-        if not self.configured:
+        if not self._begin(memory):
             return
         if self.last_avail_idx >= self.size or self.used_idx >= self.size:
             self.fail(f"ring position {self.last_avail_idx}/{self.used_idx} is not below "
@@ -96,10 +92,8 @@ class PackedVirtqueue(SplitVirtqueue):
         self._signalled_valid = False
         # Ask for every kick.
         _u16_pack(self.used, 2, RING_EVENT_FLAGS_ENABLE)
-        if self.dirty_log is not None and self.addr_flags & 1:
-            self.dirty_log.mark(self.used_addr + 2, 2)
-        if self.tracker is not None:
-            self.tracker.mark(self.used_addr + 2, 2)
+        # The device area is where QEMU's log_guest_addr points for a packed ring.
+        self._mark_used(2, 2)
 
     def resolve(self) -> None:
         if self.memory is None or not self.size:
@@ -113,14 +107,6 @@ class PackedVirtqueue(SplitVirtqueue):
         except GuestMemoryError as e:
             self.desc = self.avail = self.used = None
             raise RingError(f"{self.name}: ring not in guest memory: {e}") from e
-
-    def stop(self) -> int:
-        if self.started and not self.broken:
-            self._publish()
-        self.started = False
-        self._resubmit = []
-        self.desc = self.avail = self.used = None
-        return self.base()
 
     def unconfigure(self) -> None:
         super().unconfigure()

@@ -177,13 +177,7 @@ class SplitVirtqueue:
         The used index is read from guest memory; with an inflight region, chains
         that were taken but not completed by an earlier back end are resubmitted.
         """
-        self.memory = memory
-        self.started = True
-        self.broken = False
-        self._resubmit = []  # only this start's inflight recovery may fill it
-        if not self.configured:
-            # Kick fd before any configuration: the ring waits for its addresses
-            # (from the front end or from device parts) and starts then.
+        if not self._begin(memory):
             return
         try:
             self.resolve()
@@ -194,6 +188,16 @@ class SplitVirtqueue:
         self._signalled_valid = False
         if self.inflight is not None:
             self._recover_inflight()
+
+    def _begin(self, memory: GuestMemory) -> bool:
+        """Common start: mark the ring started; False if it has nothing to run yet."""
+        self.memory = memory
+        self.started = True
+        self.broken = False
+        self._resubmit = []  # only this start's inflight recovery may fill it
+        # Kick fd before any configuration: the ring waits for its addresses (from
+        # the front end or from device parts) and starts then.
+        return self.configured
 
     def resolve(self) -> None:
         """(Re)translate ring addresses, e.g. after the memory table changed."""
@@ -222,6 +226,10 @@ class SplitVirtqueue:
         self.started = False
         self._resubmit = []
         self.desc = self.avail = self.used = None
+        return self.base()
+
+    def base(self) -> int:
+        """The ring position GET_VRING_BASE reports: the next available index."""
         return self.last_avail_idx
 
     def suspend(self) -> None:
