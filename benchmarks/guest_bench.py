@@ -45,27 +45,36 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def peak_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def children_cpu(pid: int) -> float:
-    """CPU of a daemon and of its worker processes, if it has any."""
-    total = cpu_seconds(pid)
+def children(pid: int) -> list[int]:
     try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
-        kids = []
-    for kid in kids:
+        return []
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak RSS of a daemon plus that of its worker processes (VmHWM of each)."""
+    total = 0.0
+    for p in [pid, *children(pid)]:
         try:
-            total += cpu_seconds(int(kid))
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1]) / 1024
         except OSError:
             pass
     return total
+
+
+def tree_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of a daemon's main process and of its worker processes."""
+    workers = 0.0
+    for kid in children(pid):
+        try:
+            workers += cpu_seconds(kid)
+        except OSError:
+            pass
+    return cpu_seconds(pid), workers
 
 
 @dataclass
@@ -75,6 +84,7 @@ class JobResult:
     lat_us: float
     ios: int
     cpu_s: float
+    worker_cpu_s: float = 0.0  # part of cpu_s spent in queue worker processes
 
     @property
     def cpu_us_per_io(self) -> float:
@@ -112,16 +122,21 @@ def run_guest(image: GuestImage, sock: Path, pid: int, runtime: int, jobs: list[
     with vm:
         for job in jobs:
             vm.wait_for(f"BENCH-START {job}", 300)
-            c0 = children_cpu(pid)
+            m0, w0 = tree_cpu(pid)
             m = vm.wait_for(rf"BENCH-RESULT {job} (.*)", runtime * 4 + 120)
-            c1 = children_cpu(pid)
+            m1, w1 = tree_cpu(pid)
             iops, bw, lat, ios = parse_fio(m.group(1))
-            run.jobs[job] = JobResult(iops, bw, lat, ios, c1 - c0)
+            cpu, wcpu = (m1 - m0) + (w1 - w0), w1 - w0
+            run.jobs[job] = JobResult(iops, bw, lat, ios, cpu, wcpu)
+            split = f"  (main {m1 - m0:.1f} s, workers {wcpu:.1f} s)" if wcpu else ""
             print(f"    {run.daemon:6} {job:12} {iops:9.0f} IOPS {bw:8.1f} MiB/s "
-                  f"{lat:8.1f} us  {(c1 - c0) * 1e6 / max(ios, 1):6.1f} us CPU/IO", flush=True)
+                  f"{lat:8.1f} us  {cpu * 1e6 / max(ios, 1):6.1f} us CPU/IO{split}", flush=True)
         if not vm.wait_result(120):
             raise RuntimeError(f"bench failed in the guest:\n{vm.tail()}")
     run.rss_mib = peak_rss_mib(pid)
+
+
+VHOSTD_ARGS: list[str] = []  # from --vhostd-args
 
 
 def run_vhostd(image: GuestImage, disk: Path, work: Path, runtime: int, jobs: list[str],
@@ -131,7 +146,7 @@ def run_vhostd(image: GuestImage, disk: Path, work: Path, runtime: int, jobs: li
     pidfile.unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "vhostd", f"--socket-path={sock}",
                              f"--blk-file={disk}", "--num-queues=2", "--log-level=warning",
-                             f"--pidfile={pidfile}"])
+                             f"--pidfile={pidfile}", *VHOSTD_ARGS])
     try:
         while not pidfile.exists():
             if proc.poll() is not None:
@@ -210,7 +225,10 @@ def main() -> int:
                    help="comma-separated: file (page cache), tmpfs (default both)")
     p.add_argument("--jobs", default=",".join(JOBS), help="comma-separated fio jobs")
     p.add_argument("--json", type=Path, help="write the summary and every run here")
+    p.add_argument("--vhostd-args", default="",
+                   help="extra vhostd arguments, space-separated (e.g. --queue-workers=0)")
     args = p.parse_args()
+    VHOSTD_ARGS[:] = args.vhostd_args.split()
     jobs = args.jobs.split(",")
     image = build_guest(progress=lambda line: print(line, flush=True))
     runs: list[Run] = []

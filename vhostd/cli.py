@@ -21,6 +21,7 @@ from .devices.owner import OwnerDevice
 from .engine.backend import VhostUserBackend
 from .shell.daemon import Daemon, Endpoint
 from .shell.server import StartupError, adopt_listening_fd, bind_unix
+from .shell.worker import WorkerProcess
 
 CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
 
@@ -32,6 +33,18 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not positive")
+    return value
+
+
+def _workers(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or auto") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
     return value
 
 
@@ -117,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", metavar="DIR",
                    help="keep each device's driver-set state (write-cache mode) in DIR, so a "
                         "restarted vhostd resumes it")
+    p.add_argument("--queue-workers", type=_workers, default=None, metavar="N|auto",
+                   help="worker processes that serve request queues beside the main "
+                        "process, so several queues (or devices) use several cores; queues "
+                        "are dealt round-robin to the main process and the workers "
+                        "(default auto: one less than the smaller of CPUs and queues)")
     p.add_argument("--pidfile", metavar="PATH",
                    help="write the process id here once the socket listens (readiness)")
     p.add_argument("--log-level", default="info",
@@ -205,6 +223,38 @@ def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
     return endpoints
 
 
+def _start_workers(args: argparse.Namespace, endpoints: list[Endpoint]
+                   ) -> list[WorkerProcess]:
+    """Start the queue workers and deal every request queue to a process."""
+    backends = [ep.backend for ep in endpoints if hasattr(ep.backend.device, "offload_spec")]
+    total = sum(b.device.num_queues for b in backends)
+    n = args.queue_workers
+    if n is None:
+        n = max(0, min(len(os.sched_getaffinity(0)), total) - 1)
+    if n == 0:
+        return []
+    workers: list[WorkerProcess] = []
+    try:
+        for i in range(n):
+            workers.append(WorkerProcess(f"worker{i + 1}", args.log_level, args.event_loop))
+    except OSError as e:
+        for w in workers:
+            w.close()
+        raise StartupError(f"cannot start a queue worker: {e.strerror}") from e
+    slots: list[WorkerProcess | None] = [None, *workers]
+    k = 0
+    for backend in backends:
+        hosts = []
+        for _ in range(backend.device.num_queues):
+            hosts.append(slots[k % len(slots)])
+            k += 1
+        backend.set_hosts(hosts)  # type: ignore[arg-type]
+    logging.getLogger("vhostd").info(
+        "%d queue worker(s) (pids %s) serve %d of %d request queues", n,
+        " ".join(str(w.pid) for w in workers), total - (total + n) // (n + 1), total)
+    return workers
+
+
 def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
     if kind == "uvloop":
         try:
@@ -228,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vhostd: {e}", file=sys.stderr)
         return 1
     try:
-        daemon = Daemon(loop, endpoints)
+        workers = _start_workers(args, endpoints)
+        daemon = Daemon(loop, endpoints, workers)
         if args.pidfile:
             _write_pidfile(args.pidfile)
         loop.run_until_complete(daemon.run())

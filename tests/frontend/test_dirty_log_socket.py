@@ -77,7 +77,9 @@ def fe(vhostd: Callable[..., Any], sparse_image: Callable[..., Path]) -> Iterato
     """A started one-queue front end on a fresh vhostd (checked for a clean log and exit at
     teardown by the ``vhostd`` fixture)."""
     image = sparse_image(16 * MiB)
-    proc = vhostd(f"--blk-file={image}")
+    # One queue: always in the main process (tests/frontend/test_queue_workers.py logs
+    # from a queue served in a worker process).
+    proc = vhostd(f"--blk-file={image}", "--queue-workers=0")
     f = BlkFrontend(proc.socket_path, num_queues=1, queue_size=32, max_io=READ_LEN,
                     timeout=2.0)
     yield f

@@ -106,15 +106,25 @@ def cpu_pages(fe: BlkFrontend) -> set[int]:
     return pages
 
 
-def test_device_side_tracking_moves_a_directly_driven_guest(vhostd, short_dir: Path) -> None:
+# With one queue worker the members' queues are dealt to [main process, worker1]: member 1
+# is served in the main process, member 2 in the worker. The guest starts on the member
+# named first, which is tracked and then moved to the other: with a worker, the tracked
+# member runs in the worker and its marks reach the report through recall and merge.
+@pytest.mark.parametrize("queue_workers,src,dst", [(0, 1, 2), (1, 2, 1)],
+                         ids=["workers0", "workers1-tracked-member-in-worker"])
+def test_device_side_tracking_moves_a_directly_driven_guest(vhostd, short_dir: Path,
+                                                            queue_workers: int, src: int,
+                                                            dst: int) -> None:
     image = short_dir / "disk.img"
     with open(image, "wb") as f:
         f.truncate(16 * MiB)
     d = vhostd(f"--member=socket-path={short_dir}/m1.sock,blk-file={image}",
                f"--member=socket-path={short_dir}/m2.sock,blk-file={image}",
-               socket_path=short_dir / "owner.sock")
+               f"--queue-workers={queue_workers}", socket_path=short_dir / "owner.sock")
+    if queue_workers:
+        assert "1 queue worker(s) (pids " in d.log and "serve 1 of 2 request queues" in d.log
     m1 = GuestMemory([RegionSpec(0, 16 * MiB), RegionSpec(READ_AREA_GPA, READ_AREA)])
-    fe = BlkFrontend(short_dir / "m1.sock", memory=m1, max_io=8192)
+    fe = BlkFrontend(short_dir / f"m{src}.sock", memory=m1, max_io=8192)
     guest = Guest(fe, random.Random(7))
     guest.round()
     admin = AdminDriver(short_dir / "owner.sock")
@@ -123,13 +133,13 @@ def test_device_side_tracking_moves_a_directly_driven_guest(vhostd, short_dir: P
     used_ring = pages_of(fe.queues[0].vq.used_gpa, 6 + 8 * fe.queue_size)
 
     # Pre-copy: one full pass while tracking, then rounds of reported pages only.
-    admin.track_start(1, ranges)
+    admin.track_start(src, ranges)
     m2 = m1.clone_layout()
     copy_pages(m1, m2, {r.gpa + off for r in m1.regions for off in range(0, r.size, PAGE_SIZE)})
     for _ in range(3):
         # m2 is the shadow copy: it equals m1 as of the last copy.
         filled = guest.round()
-        reported = admin.track_report(1, ranges)
+        reported = admin.track_report(src, ranges)
         cpu = cpu_pages(fe)
         changed = differing_pages(m1, m2)
         # Every page the member wrote is in the report: the read buffers it filled, the
@@ -144,19 +154,19 @@ def test_device_side_tracking_moves_a_directly_driven_guest(vhostd, short_dir: P
 
     # Stop-and-copy: stop member 1 (every taken request completes), last report.
     guest.round(10)
-    admin.stop(1)
-    final = admin.track_report(1, ranges)
+    admin.stop(src)
+    final = admin.track_report(src, ranges)
     copy_pages(m1, m2, final | cpu_pages(fe))
     assert differing_pages(m1, m2) == set(), "pages changed that neither log named"
-    admin.track_stop(1)
+    admin.track_stop(src)
     with pytest.raises(AdminCommandError) as e:
-        admin.track_report(1, ranges)
+        admin.track_report(src, ranges)
     assert e.value.status == AdminStatus.VIRTIO_ADMIN_STATUS_EINVAL
 
     # Member 1's state goes to member 2; the guest continues there on the copy.
     fe.rebind_memory(m2)
-    old = fe.attach(short_dir / "m2.sock")
-    parts = admin.move(1, 2)
+    old = fe.attach(short_dir / f"m{dst}.sock")
+    parts = admin.move(src, dst)
     old.close()
     assert parts
     guest.verify_all()
@@ -171,6 +181,8 @@ def test_device_side_tracking_moves_a_directly_driven_guest(vhostd, short_dir: P
                                                  r"vq0=(\d+)", d.log)}
     assert served["member1"] > 0 and served["member2"] > 0
     assert "write tracking stopped" in d.log
+    if queue_workers:
+        assert "worker worker1 failed" not in d.log  # it served member 2 throughout
 
 
 def test_tracking_commands_validate_their_input(vhostd, short_dir: Path) -> None:
@@ -178,7 +190,7 @@ def test_tracking_commands_validate_their_input(vhostd, short_dir: Path) -> None
     with open(image, "wb") as f:
         f.truncate(MiB)
     vhostd(f"--member=socket-path={short_dir}/m1.sock,blk-file={image}",
-           socket_path=short_dir / "owner.sock")
+           "--queue-workers=0", socket_path=short_dir / "owner.sock")
     with AdminDriver(short_dir / "owner.sock") as admin:
         admin.activate(vendor=True)
         for ranges, page in (([(0, MiB)], 1000), ([(0, MiB)], 2048), ([], 4096),

@@ -33,7 +33,8 @@ from vhostd_proto.virtio import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Feature
 from vhostd_proto.virtio_blk import BlkFeature, BlkRequestType
 
 QSD_ONLY = pytest.mark.parametrize("backend", ["qsd"], indirect=True)
-VHOSTD_ONLY = pytest.mark.parametrize("backend", ["vhostd"], indirect=True)
+# Both vhostd set-ups of conftest.py (no queue worker, one serving queue 1); kind "vhostd".
+VHOSTD_ONLY = pytest.mark.parametrize("backend", ["vhostd", "vhostd-workers"], indirect=True)
 
 Frontend = Callable[..., BlkFrontend]
 

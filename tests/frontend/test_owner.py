@@ -90,8 +90,22 @@ def short_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
+def queue_workers() -> int:
+    """Queue worker processes of the rig's daemon (tests parametrize it directly)."""
+    return 0
+
+
+# The members' queues are dealt round-robin to [main process, worker1, ...]: with one
+# worker member 2 is served in it (members 1 and 3 in the main process), with two
+# workers member 2 is in worker1 and member 3 in worker2.
+MEMBER2_WORKERS = pytest.mark.parametrize("queue_workers", [0, 1], ids=["workers0", "workers1"])
+MEMBER3_WORKERS = pytest.mark.parametrize("queue_workers", [0, 2], ids=["workers0", "workers2"])
+PRECOPY_WORKERS = MEMBER2_WORKERS
+
+
+@pytest.fixture
 def rig(short_dir: Path, vhostd: Callable[..., Any],
-        sparse_image: Callable[..., Path]) -> Rig:
+        sparse_image: Callable[..., Path], queue_workers: int) -> Rig:
     shared = sparse_image(DISK, "shared.img")
     own = sparse_image(DISK, "own.img")
     socks = [short_dir / f"m{i}.sock" for i in (1, 2, 3)]
@@ -99,7 +113,12 @@ def rig(short_dir: Path, vhostd: Callable[..., Any],
     args = []
     for s, img in zip(socks, images, strict=True):
         args += ["--member", f"socket-path={s},blk-file={img}"]
-    proc = vhostd(*args, socket_path=short_dir / "o.sock")
+    proc = vhostd(*args, f"--queue-workers={queue_workers}", socket_path=short_dir / "o.sock")
+    if queue_workers:
+        assert (f"{queue_workers} queue worker(s) (pids " in proc.log
+                and f"serve {queue_workers} of 3 request queues" in proc.log), proc.log
+    else:
+        assert "queue worker" not in proc.log
     return Rig(proc, short_dir / "o.sock", socks, shared, own)
 
 
@@ -354,6 +373,7 @@ def test_linux_owner_activation(rig: Rig, cap_group: int) -> None:
         assert d.member_count() == 3
 
 
+@MEMBER3_WORKERS
 def test_linux_source_stop_copy_then_migration_fails(rig: Rig, admin: AdminDriver) -> None:
     """Stop-copy only (5.4): stop, CREATE(GET)+SIZE+GET, DESTROY; the migration then fails
     and the source resumes; the guest's I/O continues throughout."""
@@ -383,6 +403,7 @@ def test_linux_source_stop_copy_then_migration_fails(rig: Rig, admin: AdminDrive
     verify_image(rig.own, w)
 
 
+@PRECOPY_WORKERS
 def test_linux_migration_with_precopy_member_1_to_2(rig: Rig, admin: AdminDriver) -> None:
     """Source member 1 with PRE_COPY, destination member 2, guest busy all along."""
     linux = Linux(admin)
@@ -432,6 +453,7 @@ def test_linux_migration_with_precopy_member_1_to_2(rig: Rig, admin: AdminDriver
 # ---- moves ---------------------------------------------------------------------------
 
 
+@MEMBER2_WORKERS
 def test_move_mid_stream_loses_and_repeats_nothing(rig: Rig, admin: AdminDriver) -> None:
     admin.activate()
     fe = BlkFrontend(rig.member(1))
@@ -477,6 +499,7 @@ def test_move_mid_stream_loses_and_repeats_nothing(rig: Rig, admin: AdminDriver)
     verify_image(rig.shared, w)
 
 
+@MEMBER2_WORKERS
 def test_move_back_and_forth_with_admin_move(rig: Rig, admin: AdminDriver) -> None:
     """AdminDriver.move 1 -> 2 -> 1: member 1 takes the guest back on a new connection."""
     admin.activate()
@@ -503,6 +526,7 @@ def test_move_back_and_forth_with_admin_move(rig: Rig, admin: AdminDriver) -> No
     assert rig.served(1) is not None and rig.served(2) is not None
 
 
+@MEMBER2_WORKERS
 def test_move_with_attach_after_resume_then_qemu_restart(rig: Rig, admin: AdminDriver) -> None:
     """Member 2 resumed before the guest's transport reaches it: the ring starts when the
     kick eventfd arrives (docs 5.2), serving what was kicked meanwhile. Then the front end
@@ -538,6 +562,7 @@ def test_move_with_attach_after_resume_then_qemu_restart(rig: Rig, admin: AdminD
     verify_image(rig.shared, w)
 
 
+@MEMBER2_WORKERS
 def test_move_carries_writethrough(rig: Rig, admin: AdminDriver) -> None:
     admin.activate()
     fe = BlkFrontend(rig.member(1))
@@ -564,6 +589,7 @@ def test_move_carries_writethrough(rig: Rig, admin: AdminDriver) -> None:
 # ---- DEV_MODE_SET semantics ----------------------------------------------------------
 
 
+@MEMBER3_WORKERS
 def test_stop_with_a_busy_member_at_queue_depth_32(rig: Rig, admin: AdminDriver) -> None:
     admin.activate()
     with BlkFrontend(rig.member(3)) as fe:
@@ -606,6 +632,7 @@ def test_stop_with_a_busy_member_at_queue_depth_32(rig: Rig, admin: AdminDriver)
     verify_image(rig.own, w)
 
 
+@MEMBER3_WORKERS
 def test_stop_before_the_kick_is_seen(rig: Rig, admin: AdminDriver) -> None:
     """Requests published before the stop whose kick the member handles after it are not
     taken: they run at resume, never twice."""
@@ -638,6 +665,7 @@ DOC_PARTS_AFTER_50 = bytes.fromhex(
     "f1050000000000000000000001000000 01".replace(" ", ""))
 
 
+@MEMBER3_WORKERS
 def test_parts_match_the_documented_vector(rig: Rig, admin: AdminDriver) -> None:
     admin.activate()
     with BlkFrontend(rig.member(3)) as fe:
@@ -652,6 +680,7 @@ def test_parts_match_the_documented_vector(rig: Rig, admin: AdminDriver) -> None
         admin.resume(3)
 
 
+@MEMBER3_WORKERS
 def test_config_change_while_stopped_waits_for_resume(rig: Rig, admin: AdminDriver) -> None:
     """A stopped member raises no configuration-change notification; it is latched and
     sent at resume (reference 6 item 4)."""
@@ -678,7 +707,7 @@ def test_owner_with_its_own_disk(short_dir: Path, vhostd: Callable[..., Any],
     """With --blk-file the owner's disk queues come first and the admin queue is last."""
     m = short_dir / "m1.sock"
     vhostd(f"--blk-file={sparse_image(DISK, 'owner.img')}", "--num-queues=2", "--member",
-           f"socket-path={m},blk-file={sparse_image(DISK, 'm.img')}",
+           f"socket-path={m},blk-file={sparse_image(DISK, 'm.img')}", "--queue-workers=0",
            socket_path=short_dir / "o.sock")
     with AdminDriver(short_dir / "o.sock") as d:
         assert (d.queue_num, d.admin_index) == (3, 2)
@@ -801,6 +830,7 @@ def cli(rig: Rig, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=30)
 
 
+@MEMBER2_WORKERS
 def test_cli_round_trip(rig: Rig, short_dir: Path) -> None:
     f = short_dir / "parts.bin"
     r = cli(rig, "members")

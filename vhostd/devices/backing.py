@@ -47,11 +47,13 @@ class BlockBackend(Protocol):
 class FileBackend:
     """A raw image file (regular file or block device)."""
 
-    def __init__(self, path: str, read_only: bool = False) -> None:
+    def __init__(self, path: str, read_only: bool = False, fd: int | None = None) -> None:
+        """Open ``path``, or adopt ``fd`` (already open on it, e.g. passed to a queue
+        worker process, so both processes serve the very same file)."""
         self.path = path
         self.read_only = read_only
         flags = os.O_RDONLY if read_only else os.O_RDWR
-        self.fd = os.open(path, flags | os.O_CLOEXEC)
+        self.fd = os.open(path, flags | os.O_CLOEXEC) if fd is None else fd
         self.punch_hole = True
         self.zero_range = True
 

@@ -27,7 +27,7 @@ from vhostd_proto.virtio_blk import (
 )
 
 from ..engine.virtqueue import Handler, SplitVirtqueue
-from .backing import BlockBackend
+from .backing import BlockBackend, FileBackend
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,30 @@ class BlkDevice:
 
     def close(self) -> None:
         self.backend.close()
+
+    # ---- serving queues in a worker process ----------------------------------
+    def offload_spec(self) -> tuple[dict[str, object], list[int]]:
+        """What a queue worker needs to serve this device's requests: the current
+        driver-visible state and the open backing file (the fd stays ours)."""
+        backend = self.backend
+        if not isinstance(backend, FileBackend):
+            raise TypeError(f"{self.name}: its backing cannot be shared with a worker")
+        o = self.options
+        return ({"kind": "blk", "name": self.name, "path": backend.path,
+                 "read_only": backend.read_only, "wce": self.wce, "capacity": self.capacity,
+                 "options": {"num_queues": o.num_queues, "queue_size": o.queue_size,
+                             "logical_block_size": o.logical_block_size,
+                             "serial": o.serial}}, [backend.fd])
+
+    @classmethod
+    def from_offload_spec(cls, spec: dict[str, object], fds: list[int]) -> BlkDevice:
+        """The worker side of :meth:`offload_spec`; adopts ``fds``."""
+        options = BlkOptions(**spec["options"])  # type: ignore[arg-type]
+        backend = FileBackend(str(spec["path"]), bool(spec["read_only"]), fd=fds[0])
+        device = cls(str(spec["name"]), backend, options)
+        device.wce = int(spec["wce"])  # type: ignore[call-overload]
+        device.capacity = int(spec["capacity"])  # type: ignore[call-overload]
+        return device
 
     # ---- device parts (vendor: the one config byte the driver writes) -------
     def get_parts(self) -> list[tuple[int, bytes]]:

@@ -391,7 +391,8 @@ class AdminCommands:
             raise AdminError(S.VIRTIO_ADMIN_STATUS_ENOMEM, Q.VIRTIO_ADMIN_STATUS_Q_NORESOURCE,
                              f"report needs {tracker.report_size()} bytes, buffer has "
                              f"{capacity}")
-        return tracker.report(clear=bool(flags & 1 << va.VHOSTD_DIRTY_TRACK_REPORT_F_CLEAR))
+        return self._member(member).tracking_report(
+            clear=bool(flags & 1 << va.VHOSTD_DIRTY_TRACK_REPORT_F_CLEAR))
 
     def _track_stop(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
         self._member(member).stop_tracking()

@@ -10,10 +10,11 @@ back-end-initiated messages leave through the ``send_backend_message`` callback.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from vhostd_proto import vhost_user as vu
@@ -25,6 +26,7 @@ from .dirtylog import DirtyLog
 from .dirtytrack import WriteTracker
 from .inflight import InflightRegion
 from .memory import GuestMemory, GuestMemoryError, close_fds
+from .offload import HostError, RingHost, ring_spec
 from .packed import PackedVirtqueue, set_layout
 from .parts import VHOST_ONLY_FEATURES, Part, PartsError, StagedParts
 from .parts import check as check_parts
@@ -140,6 +142,98 @@ class VhostUserBackend:
         self.staged: StagedParts | None = None
         self.frozen_parts: list[Part] | None = None
         self._config_change_latched = False
+        # Queue workers (engine/offload.py): which process serves each ring.
+        self.hosts: list[RingHost | None] = [None] * device.num_queues
+        self._away: dict[int, RingHost] = {}
+        self._home_depth = 0
+        self._watching: dict[int, int] = {}  # queue index -> kick fd watched here
+
+    # ---- queue workers -------------------------------------------------------
+    def set_hosts(self, hosts: list[RingHost | None]) -> None:
+        """Let ``hosts[i]`` serve ring i (None: this process). Before any front end."""
+        if len(hosts) != len(self.queues):
+            raise ValueError(f"{len(hosts)} hosts for {len(self.queues)} queues")
+        if any(hosts) and not hasattr(self.device, "offload_spec"):
+            raise ValueError(f"{self.device.name}: its queues cannot run in a worker")
+        self.hosts = list(hosts)
+
+    @contextlib.contextmanager
+    def rings_home(self) -> Iterator[None]:
+        """Every ring in this process for the duration: control paths then see and
+        change ring state as if no worker existed; ready rings leave again after."""
+        self._home_depth += 1
+        try:
+            if self._home_depth == 1 and self._away:
+                self._recall()
+            yield
+        finally:
+            self._home_depth -= 1
+            if self._home_depth == 0 and any(self.hosts):
+                self._send_away()
+
+    def _ring_key(self, index: int) -> str:
+        return f"{self.device.name}/{index}"
+
+    def _recall(self) -> None:
+        by_host: dict[int, tuple[RingHost, list[int]]] = {}
+        for index, host in self._away.items():
+            by_host.setdefault(id(host), (host, []))[1].append(index)
+        self._away = {}
+        for host, indices in by_host.values():
+            try:
+                states = host.recall([self._ring_key(i) for i in indices])
+            except HostError as e:
+                for i in indices:
+                    self._lost(self.queues[i], host, str(e))
+                continue
+            for i in indices:
+                self._came_home(self.queues[i], states[self._ring_key(i)])
+
+    def _came_home(self, q: SplitVirtqueue, back: dict[str, Any]) -> None:
+        q.import_position(back["ring"])
+        if self.dirty_log is not None:
+            self.dirty_log.marked += back["log_marked"]
+        t = back["tracker"]
+        if t is not None and self.tracker is not None:
+            self.tracker.merge([bytes.fromhex(b) for b in t["bitmaps"]], t["marked"])
+
+    def _lost(self, q: SplitVirtqueue, host: RingHost, why: str) -> None:
+        """The worker serving ``q`` is gone: serve the ring here from now on, picking
+        it up as after a back-end restart (the guest's used index, the inflight
+        region)."""
+        self.log.error("%s: worker %s failed (%s); this process serves the ring from now on",
+                       q.name, host.name, why)
+        self.hosts = [None if h is host else h for h in self.hosts]
+        for other in self.queues:
+            self._update_watch(other)
+        if q.started and q.configured:
+            q.started = False
+            q.start(self.memory)
+            if q.inflight is None:
+                q.last_avail_idx = q.used_idx
+
+    def host_died(self, host: RingHost) -> None:
+        """A worker exited: its rings come back (and restart) here at once, even if no
+        control message would have recalled them."""
+        if not any(h is host for h in self.hosts):
+            return
+        with self.rings_home():
+            self.hosts = [None if h is host else h for h in self.hosts]
+            for q in self.queues:
+                self._update_watch(q)
+
+    def _send_away(self) -> None:
+        for q in self.queues:
+            host = self.hosts[q.index]
+            if host is None or q.index in self._away or not q.ready or q.kick_fd is None:
+                continue
+            spec, fds = ring_spec(q, self.memory, self.device, self.inflight, self.tracker)
+            try:
+                host.run(self._ring_key(q.index), spec, fds)
+            except HostError as e:
+                self._lost(q, host, str(e))
+                continue
+            self._away[q.index] = host
 
     # ---- connection lifecycle ---------------------------------------------
     def connect(self) -> BackendProtocol:
@@ -148,6 +242,10 @@ class VhostUserBackend:
 
     def disconnect(self) -> None:
         """The front end went away: stop every ring, drop its memory and fds."""
+        with self.rings_home():
+            self._disconnect()
+
+    def _disconnect(self) -> None:
         served = [q.requests for q in self.queues]
         if any(served):
             # Totals since the daemon started (across front ends), per queue.
@@ -194,7 +292,8 @@ class VhostUserBackend:
             close_fds(msg.fds)
             raise ProtocolError(f"{msg.request.name} has no handler")
         try:
-            result = handler(msg)
+            with self.rings_home():
+                result = handler(msg)
         except RequestFailed as e:
             self.log.error("%s failed: %s", msg.request.name, e)
             nack = protocol.ack(msg, False)
@@ -219,8 +318,12 @@ class VhostUserBackend:
         self.status |= STATUS_ACKNOWLEDGE_DRIVER_FEATURES_OK
 
     def _apply_features(self, features: int) -> None:
-        self.features = features
         packed = bool(features & 1 << Feature.VIRTIO_F_RING_PACKED)
+        if features and features != self.features:
+            self.log.info("features %#x acked: %s rings%s", features,
+                          "packed" if packed else "split",
+                          ", dirty logging" if features & 1 << vu.VHOST_F_LOG_ALL else "")
+        self.features = features
         for q in self.queues:
             if q.started and q.configured and isinstance(q, PackedVirtqueue) != packed:
                 self.log.warning("%s: ring layout cannot change while it runs", q.name)
@@ -380,17 +483,18 @@ class VhostUserBackend:
         q.process()
 
     def _attach_inflight(self, q: SplitVirtqueue) -> None:
-        """Track ``q`` in the inflight region if the region was made for its size."""
+        """Track ``q`` in the inflight region if the region was made for its size and
+        ring layout."""
         inflight = self.inflight
         q.inflight = None
         if inflight is None or not q.size:
             return
-        if isinstance(q, PackedVirtqueue):
-            self.log.warning("%s: inflight tracking covers split rings only; a restart "
-                             "of vhostd may lose this packed ring's requests in flight", q.name)
+        if inflight.packed != isinstance(q, PackedVirtqueue):
+            self.log.warning("%s: inflight region has the other ring layout; not tracking",
+                             q.name)
             return
         if inflight.queue_size == q.size and q.index < inflight.num_queues:
-            q.inflight = inflight.queues[q.index]
+            q.inflight = inflight.queues[q.index]  # type: ignore[assignment]
         else:
             self.log.warning("%s: inflight region was made for queue size %d, ring has %d; "
                              "not tracking", q.name, inflight.queue_size, q.size)
@@ -399,12 +503,31 @@ class VhostUserBackend:
         if q.kick_fd is not None:
             # Stop watching before closing, so the number cannot be reused while
             # the loop still has it.
-            self.watcher.remove_reader(q.kick_fd)
-            os.close(q.kick_fd)
+            old, q.kick_fd = q.kick_fd, None
+            self._update_watch(q)
+            os.close(old)
         q.kick_fd = fd
         if fd is not None:
             os.set_blocking(fd, False)
-            self.watcher.add_reader(fd, self._kicked, q, fd)
+        self._update_watch(q)
+
+    def _update_watch(self, q: SplitVirtqueue) -> None:
+        """Watch ``q``'s kick eventfd in this process exactly when this process serves
+        the ring and the member runs. A worker watches the rings it serves; kicks for a
+        ring at home during a control message, or for a stopped member, wait in the
+        eventfd (a stopped member must not read them: the same eventfd may drive the
+        member the owner moves the ring to, perhaps in another process)."""
+        want = (q.kick_fd if q.kick_fd is not None and self.hosts[q.index] is None
+                and self.mode is MemberMode.RUNNING else None)
+        watched = self._watching.get(q.index)
+        if watched == want:
+            return
+        if watched is not None:
+            self.watcher.remove_reader(watched)
+            del self._watching[q.index]
+        if want is not None:
+            self.watcher.add_reader(want, self._kicked, q, want)
+            self._watching[q.index] = want
 
     def _kicked(self, q: SplitVirtqueue, fd: int) -> None:
         try:
@@ -415,6 +538,7 @@ class VhostUserBackend:
             # Not a readable eventfd (or a dead one): stop watching it, or the loop
             # would spin on it.
             self.watcher.remove_reader(fd)
+            self._watching.pop(q.index, None)
             q.fail(f"cannot read the kick eventfd: {e.strerror}")
             return
         q.process()
@@ -464,6 +588,12 @@ class VhostUserBackend:
         except ValueError as e:
             raise RequestFailed(str(e)) from e
 
+    def refresh_capacity(self) -> bool:
+        """The backing may have grown (SIGHUP): True if the device's capacity changed,
+        after which the front end is told."""
+        with self.rings_home():
+            return self.device.refresh_capacity()
+
     def config_changed(self) -> bool:
         """Tell the front end the config space changed (e.g. capacity)."""
         if self.mode is not MemberMode.RUNNING:
@@ -488,8 +618,10 @@ class VhostUserBackend:
             if b.mmap_size == 0:
                 return
             try:
-                self.inflight = InflightRegion(fd, b.mmap_size, b.mmap_offset, b.num_queues,
-                                               b.queue_size)
+                # SET_FEATURES came first: the acked features choose the layout.
+                self.inflight = InflightRegion(
+                    fd, b.mmap_size, b.mmap_offset, b.num_queues, b.queue_size,
+                    packed=bool(self.features & 1 << Feature.VIRTIO_F_RING_PACKED))
             except (ValueError, OSError, OverflowError) as e:
                 raise RequestFailed(f"inflight region: {e}") from e
         finally:
@@ -504,7 +636,9 @@ class VhostUserBackend:
         if not 1 <= b.num_queues <= self.device.num_queues or not b.queue_size:
             raise ProtocolError(f"GET_INFLIGHT_FD for {b.num_queues} queues of "
                                 f"{b.queue_size}")
-        fd, size = InflightRegion.create(b.num_queues, b.queue_size)
+        fd, size = InflightRegion.create(
+            b.num_queues, b.queue_size,
+            packed=bool(self.features & 1 << Feature.VIRTIO_F_RING_PACKED))
         payload = vu.Inflight.build({"mmap_size": size, "mmap_offset": 0,
                                      "num_queues": b.num_queues,
                                      "queue_size": b.queue_size})
@@ -516,6 +650,10 @@ class VhostUserBackend:
         """DEV_MODE_SET. Stopping is immediate: requests are served inline, so every
         chain a queue took is complete; the last used entries are published here and
         then no queue touches guest memory or signals until resume."""
+        with self.rings_home():
+            self._set_mode(mode)
+
+    def _set_mode(self, mode: MemberMode) -> None:
         if mode is self.mode:
             return
         if mode is MemberMode.RUNNING:
@@ -531,6 +669,8 @@ class VhostUserBackend:
         else:
             self.frozen_parts = None
         self.mode = mode
+        for q in self.queues:
+            self._update_watch(q)
 
     def _resume(self) -> None:
         staged = self.staged
@@ -546,8 +686,10 @@ class VhostUserBackend:
         self.mode = MemberMode.RUNNING
         for q in self.queues:
             q.suspended = False
+            self._update_watch(q)
         self.log.info("resumed by the owner%s", " with new parts" if staged else "")
-        # Kicks that came while stopped were read but not served: look at every ring.
+        # Kicks that came while stopped wait in the eventfds; and chains may be
+        # waiting without one: look at every ring.
         for q in self.queues:
             q.process()
         if self._config_change_latched:
@@ -558,26 +700,39 @@ class VhostUserBackend:
     def start_tracking(self, page_size: int, ranges: list[tuple[int, int]]) -> None:
         if self.tracker is not None:
             raise TrackerBusy("this member already tracks writes")
-        self.tracker = WriteTracker(page_size, ranges)
-        for q in self.queues:
-            q.tracker = self.tracker
+        tracker = WriteTracker(page_size, ranges)
+        with self.rings_home():
+            self.tracker = tracker
+            for q in self.queues:
+                q.tracker = tracker
         self.log.info("tracking writes to %d range(s) at %d-byte pages", len(ranges),
                       page_size)
 
     def stop_tracking(self) -> None:
         if self.tracker is None:
             return
-        self.log.info("write tracking stopped (%d page marks)", self.tracker.marked)
-        self.tracker = None
-        for q in self.queues:
-            q.tracker = None
+        with self.rings_home():
+            self.log.info("write tracking stopped (%d page marks)", self.tracker.marked)
+            self.tracker = None
+            for q in self.queues:
+                q.tracker = None
+
+    def tracking_report(self, clear: bool) -> bytes:
+        """The tracker's report (with the marks workers made so far)."""
+        assert self.tracker is not None
+        with self.rings_home():
+            return self.tracker.report(clear)
 
     def parts(self) -> list[Part]:
-        return list(self.frozen_parts) if self.frozen_parts is not None else collect_parts(self)
+        if self.frozen_parts is not None:
+            return list(self.frozen_parts)
+        with self.rings_home():
+            return collect_parts(self)
 
     def stage_parts(self, parts: list[Part]) -> None:
         """DEV_PARTS_SET: check everything, change nothing until resume."""
-        staged = check_parts(self, parts)
+        with self.rings_home():
+            staged = check_parts(self, parts)
         if self.staged is None:
             self.staged = staged
         else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ class DirtyLog:
         self.mm = mmap.mmap(fd, mmap_offset + mmap_size, mmap.MAP_SHARED,
                             mmap.PROT_READ | mmap.PROT_WRITE)
         self.bitmap = memoryview(self.mm)[mmap_offset:mmap_offset + mmap_size]
+        self.fd = os.dup(fd)  # for a queue worker process to map the same log
+        self.offset = mmap_offset
         self.size = mmap_size
         self.pages = mmap_size * 8
         self.marked = 0  # page marks made (a page written twice counts twice)
@@ -54,6 +57,7 @@ class DirtyLog:
             bitmap[page >> 3] |= 1 << (page & 7)
 
     def close(self) -> None:
+        os.close(self.fd)
         self.bitmap.release()
         try:
             self.mm.close()

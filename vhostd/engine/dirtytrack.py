@@ -65,3 +65,17 @@ class WriteTracker:
             if clear:
                 bitmap[:] = bytes(len(bitmap))
         return bytes(out)
+
+    # ---- a worker process tracks a copy; its marks come back here ------------
+    def params(self) -> tuple[int, list[tuple[int, int]]]:
+        return self.page_size, [(gpa, length) for gpa, length, _ in self.ranges]
+
+    def bitmaps(self) -> list[bytes]:
+        return [bytes(bitmap) for _, _, bitmap in self.ranges]
+
+    def merge(self, bitmaps: list[bytes], marked: int) -> None:
+        """OR in the bitmaps of a tracker made from :meth:`params`."""
+        for (_, _, bitmap), other in zip(self.ranges, bitmaps, strict=True):
+            merged = int.from_bytes(bitmap, "little") | int.from_bytes(other, "little")
+            bitmap[:] = merged.to_bytes(len(bitmap), "little")
+        self.marked += marked

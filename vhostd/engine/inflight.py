@@ -1,8 +1,43 @@
-"""Inflight I/O tracking (split-queue layout of vhostd_proto.inflight).
+"""Inflight I/O tracking (the split and packed layouts of vhostd_proto.inflight).
 
 While a chain is being served its descriptor entry is flagged in a region shared
 with the front end, so a back end started after a crash can resubmit exactly the
 chains that were taken and not completed. Hot-path writes use precompiled structs.
+
+Split rings (:class:`InflightQueue`): entry ``i`` is descriptor head ``i``; the used
+ring in guest memory says which flagged heads a published batch completed.
+
+Packed rings (:class:`PackedInflightQueue`) need more, because QEMU 7.2 cannot tell
+a new back end where a packed ring stands (its SET_VRING_BASE after a crash repeats
+the position of the previous start) and because used descriptors overwrite ring
+slots. vhostd fills the packed layout like this:
+
+* entry ``s`` belongs to ring slot ``s``. Taking a chain of ``num`` slots at slot
+  ``s`` copies each of its ring descriptors into the ``id/flags/len/addr`` of the
+  entries ``s .. s+num-1`` (mod the ring size), then writes the head entry's
+  ``num``, ``last`` (slot of the last descriptor) and ``counter``, and only then
+  sets its ``inflight`` byte: the one store that records the take. ``next`` is 0.
+  The head copy's AVAIL bit is the lap (wrap counter) the chain was made available
+  in. A chain's slots belong to it until its used descriptor is written, so the
+  copies of chains in flight are never overwritten by another chain.
+* completing the chain at slot ``s`` (chains complete in order, so its used
+  descriptor goes to slot ``s``): the used descriptor (id, len, then flags: that
+  store publishes it to the driver); then ``used_idx``/``used_wrap_counter`` become
+  the position after the chain, ``old_used_idx``/``old_used_wrap_counter`` the
+  position before it; then the head entry's ``inflight`` byte is cleared.
+* the header: ``features`` = VIRTIO_F_RING_PACKED (marks the layout), ``version`` 1,
+  ``desc_num`` = ring size; ``free_head``/``old_free_head`` are 0 (entries are
+  indexed by slot, there is no free list). A zeroed region (version 0) is
+  initialised at ring start with the position the front end sent.
+
+Recovery (a valid region at ring start): the flagged entries, oldest counter first,
+are the chains in flight; in order they cover consecutive slots. The oldest one
+may have had its used descriptor published just before the crash: if its head
+slot's USED bit equals the chain's lap, it is finished now (position, then flag),
+and so on. The used position is then the oldest remaining chain's head (or the
+header's position when none remains: the header is written before a flag is
+cleared), the avail position the end of the newest chain, and the remaining chains
+are served again from their copies, oldest first.
 """
 
 from __future__ import annotations
@@ -11,7 +46,11 @@ import mmap
 import os
 import struct
 
-from vhostd_proto.inflight import INFLIGHT_VERSION, inflight_queue_stride
+from vhostd_proto.inflight import (
+    INFLIGHT_PACKED_FEATURES,
+    INFLIGHT_VERSION,
+    inflight_queue_stride,
+)
 
 # Header: features u64, version u16, desc_num u16, last_batch_head u16, used_idx u16.
 HEADER = struct.Struct("<QHHHH")
@@ -71,29 +110,136 @@ class InflightQueue:
         return [head for _, head in found]
 
 
+# Packed header (InflightPackedHeader): features u64, version u16, desc_num u16,
+# free_head u16, old_free_head u16, used_idx u16, old_used_idx u16,
+# used_wrap_counter u8, old_used_wrap_counter u8, 7 + 3 pad.
+P_HEADER = struct.Struct("<QHHHHHHBB10x")
+_P_VALID = struct.Struct("<QHH")  # features, version, desc_num
+_P_POSITION = struct.Struct("<HHBB")  # used_idx, old_used_idx, and their wrap counters
+_P_POSITION_OFF = 16
+# Packed entry (InflightPackedDesc): inflight u8, pad, next u16, last u16, num u16,
+# counter u64, then the copy of the ring descriptor: id u16, flags u16, len u32, addr u64.
+P_ENTRY = struct.Struct("<BxHHHQHHIQ")
+_P_CHAIN = struct.Struct("<HHHQ")  # next, last, num, counter at entry offset 2
+_P_HEAD = struct.Struct("<BxHHHQ")  # inflight .. counter
+_P_COPY = struct.Struct("<HHIQ")  # id, flags, len, addr at entry offset 16
+_P_RING_DESC = struct.Struct("<QIHH")  # a packed ring descriptor: addr, len, id, flags
+_AVAIL_BIT = 1 << 7  # VRING_PACKED_DESC_F_AVAIL
+
+
+class PackedInflightQueue:
+    """One packed queue's slice of the inflight region (see the module docstring)."""
+
+    def __init__(self, view: memoryview, queue_size: int) -> None:
+        self.view = view
+        self.queue_size = queue_size
+        self.counter = 0
+
+    @property
+    def valid(self) -> bool:
+        features, version, desc_num = _P_VALID.unpack_from(self.view, 0)
+        return (features == INFLIGHT_PACKED_FEATURES and version == INFLIGHT_VERSION
+                and desc_num == self.queue_size)
+
+    def position(self) -> tuple[int, int]:
+        """(used_idx, used_wrap_counter): the device's position after the last completion."""
+        used_idx, _old, wrap, _old_wrap = _P_POSITION.unpack_from(self.view, _P_POSITION_OFF)
+        return used_idx, wrap
+
+    def init(self, queue_size: int, used_idx: int, used_wrap: int) -> None:
+        """A fresh slice: nothing in flight, the ring at (used_idx, used_wrap)."""
+        n = 32 + 32 * queue_size
+        self.view[:n] = bytes(n)
+        P_HEADER.pack_into(self.view, 0, INFLIGHT_PACKED_FEATURES, INFLIGHT_VERSION,
+                           queue_size, 0, 0, used_idx, used_idx, used_wrap, used_wrap)
+        self.counter = 0
+
+    def take(self, slot: int, count: int, ring: memoryview) -> None:
+        """Record the chain of ``count`` slots at ``slot`` of ``ring`` as taken."""
+        view = self.view
+        size = self.queue_size
+        i = slot
+        for _ in range(count):
+            addr, length, buf_id, flags = _P_RING_DESC.unpack_from(ring, 16 * i)
+            _P_COPY.pack_into(view, 48 + 32 * i, buf_id, flags, length, addr)
+            last = i
+            i += 1
+            if i == size:
+                i = 0
+        self.counter += 1
+        off = 32 + 32 * slot
+        _P_CHAIN.pack_into(view, off + 2, 0, last, count, self.counter)
+        view[off] = 1  # the take is recorded by this store alone
+
+    def completed(self, slot: int, old_idx: int, old_wrap: int, used_idx: int,
+                  used_wrap: int) -> None:
+        """The chain at ``slot`` (whose used descriptor was just written at old_idx)
+        is done: the position first, then its flag."""
+        view = self.view
+        _P_POSITION.pack_into(view, _P_POSITION_OFF, used_idx, old_idx, used_wrap, old_wrap)
+        view[32 + 32 * slot] = 0
+
+    def pending(self) -> list[tuple[int, int, int]]:
+        """Chains still flagged, oldest first: (head slot, slots, lap of the head)."""
+        view = self.view
+        found = []
+        top = 0
+        for slot in range(self.queue_size):
+            off = 32 + 32 * slot
+            flag, _next, _last, num, counter = _P_HEAD.unpack_from(view, off)
+            top = max(top, counter)
+            if flag:
+                flags = _P_COPY.unpack_from(view, off + 16)[1]
+                found.append((counter, slot, num, 1 if flags & _AVAIL_BIT else 0))
+        found.sort()
+        self.counter = top
+        return [(slot, num, lap) for _, slot, num, lap in found]
+
+    def chain(self, slot: int) -> bytearray:
+        """The saved descriptors of the chain taken at ``slot``, laid out as ring
+        descriptors (``num`` of them, as its head entry says)."""
+        view = self.view
+        count = _P_HEAD.unpack_from(view, 32 + 32 * slot)[3]
+        out = bytearray(16 * count)
+        i = slot
+        for k in range(count):
+            buf_id, flags, length, addr = _P_COPY.unpack_from(view, 48 + 32 * i)
+            _P_RING_DESC.pack_into(out, 16 * k, addr, length, buf_id, flags)
+            i += 1
+            if i == self.queue_size:
+                i = 0
+        return out
+
+
 class InflightRegion:
-    """The whole shared region: one stride per queue, back to back."""
+    """The whole shared region: one stride per queue, back to back, in the split or
+    the packed layout (which the front end's acked features chose)."""
 
     def __init__(self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int,
-                 queue_size: int) -> None:
-        stride = inflight_queue_stride(queue_size)
+                 queue_size: int, packed: bool = False) -> None:
+        stride = inflight_queue_stride(queue_size, packed)
         if mmap_size < stride * num_queues:
             raise ValueError(f"inflight region of {mmap_size} bytes is too small for "
                              f"{num_queues} queues of {queue_size}")
         self.mm = mmap.mmap(fd, mmap_offset + mmap_size, mmap.MAP_SHARED,
                             mmap.PROT_READ | mmap.PROT_WRITE)
+        # A queue worker process maps the same region: it gets the fd and these.
+        self.fd = os.dup(fd)
+        self.args = (mmap_size, mmap_offset, num_queues, queue_size, packed)
         self.num_queues = num_queues
         self.queue_size = queue_size
+        self.packed = packed
         base = memoryview(self.mm)[mmap_offset:mmap_offset + mmap_size]
-        self.queues = [
-            InflightQueue(base[i * stride:(i + 1) * stride], queue_size)
+        kind = PackedInflightQueue if packed else InflightQueue
+        self.queues: list[InflightQueue | PackedInflightQueue] = [
+            kind(base[i * stride:(i + 1) * stride], queue_size)
             for i in range(num_queues)
         ]
 
     @staticmethod
-    def create(num_queues: int, queue_size: int) -> tuple[int, int]:
+    def create(num_queues: int, queue_size: int, packed: bool = False) -> tuple[int, int]:
         """A fresh zeroed memfd for GET_INFLIGHT_FD: (fd, size)."""
-        size = inflight_queue_stride(queue_size) * num_queues
+        size = inflight_queue_stride(queue_size, packed) * num_queues
         fd = os.memfd_create("vhostd-inflight", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
@@ -103,6 +249,7 @@ class InflightRegion:
         return fd, size
 
     def close(self) -> None:
+        os.close(self.fd)
         for q in self.queues:
             q.view.release()
         try:

@@ -27,12 +27,14 @@ class Region:
     mmap_offset: int
     mm: mmap.mmap
     view: memoryview  # exactly the region's bytes
+    fd: int  # our own duplicate, so a queue worker process can map the region too
 
     @property
     def gpa_end(self) -> int:
         return self.guest_phys_addr + self.memory_size
 
     def release(self) -> None:
+        os.close(self.fd)
         self.view.release()
         try:
             self.mm.close()
@@ -50,6 +52,7 @@ class GuestMemory:
 
     def __init__(self) -> None:
         self.regions: list[Region] = []
+        self.generation = 0  # changes with every table change
 
     # ---- table changes -----------------------------------------------------
     def add(self, fd: int, guest_phys_addr: int, memory_size: int, userspace_addr: int,
@@ -76,8 +79,10 @@ class GuestMemory:
             raise GuestMemoryError(f"cannot map region at GPA {guest_phys_addr:#x} "
                                    f"({length} bytes): {e}") from e
         view = memoryview(mm)[mmap_offset:length]
-        region = Region(guest_phys_addr, memory_size, userspace_addr, mmap_offset, mm, view)
+        region = Region(guest_phys_addr, memory_size, userspace_addr, mmap_offset, mm, view,
+                        os.dup(fd))
         self.regions.append(region)
+        self.generation += 1
         self.regions.sort(key=lambda r: r.guest_phys_addr)
         return region
 
@@ -89,6 +94,7 @@ class GuestMemory:
             ):
                 self.regions.remove(r)
                 r.release()
+                self.generation += 1
                 return True
         return False
 
@@ -96,6 +102,13 @@ class GuestMemory:
         for r in self.regions:
             r.release()
         self.regions = []
+        self.generation += 1
+
+    def table(self) -> tuple[list[tuple[int, int, int, int]], list[int]]:
+        """The regions as (gpa, size, qva, mmap_offset) and their fds (still ours),
+        for a worker process that maps the same memory."""
+        return ([(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+                 for r in self.regions], [r.fd for r in self.regions])
 
     def replace(self, table: list[tuple[int, int, int, int, int]]) -> None:
         """SET_MEM_TABLE: (fd, gpa, size, qva, mmap_offset) for each new region."""

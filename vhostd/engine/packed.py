@@ -8,6 +8,13 @@ length. A chain's buffer id is in its last descriptor; a used descriptor consume
 many ring slots as the chain had. Requests complete inline and in order, so used
 descriptors never overwrite a descriptor still in flight.
 
+Inflight tracking (vhostd/engine/inflight.py has the layout and the argument): a
+taken chain's descriptors are copied into the region and its head entry flagged;
+writing its used descriptor is followed by the new used position in the region and
+then the flag's clearing. At ring start a valid region, not SET_VRING_BASE (stale
+after a crash in QEMU 7.2), gives the ring position, and the chains still flagged
+are served again from their copies. This relies on in-order completion.
+
 The driver area holds the driver's event suppression (when to interrupt), the device
 area the device's (when to kick). The device asks for every kick (flags ENABLE), which
 cannot lose one; it interrupts per the driver's ENABLE / DISABLE / DESC setting.
@@ -18,11 +25,15 @@ that breaks the rules stops with a log line and a signal on its err fd.
 
 from __future__ import annotations
 
+import logging
 import struct
 
 from .barrier import full_barrier
+from .inflight import PackedInflightQueue
 from .memory import GuestMemory, GuestMemoryError
 from .virtqueue import VIRTQ_MAX_SIZE, RingError, SplitVirtqueue, _signal
+
+log = logging.getLogger(__name__)
 
 PDESC = struct.Struct("<QIHH")  # addr, len, id, flags
 _pdesc_unpack = PDESC.unpack_from
@@ -50,6 +61,13 @@ class PackedVirtqueue(SplitVirtqueue):
     avail_wrap: int
     used_wrap: int
     _chain_len: dict[int, int]
+    inflight: PackedInflightQueue | None  # type: ignore[assignment]
+    POSITION_FIELDS = (*SplitVirtqueue.POSITION_FIELDS, "avail_wrap", "used_wrap")
+
+    def export_state(self) -> dict[str, object]:
+        state = super().export_state()
+        state["packed"] = True
+        return state
 
     def _init_packed(self) -> None:
         self.avail_wrap = 1
@@ -57,6 +75,7 @@ class PackedVirtqueue(SplitVirtqueue):
         self._chain_len = {}
         self._batch_old = 0
         self._batch_wrapped = False
+        self._warned_out_of_order = False
 
     # ---- vhost-user base encoding -------------------------------------------
     def set_base(self, num: int) -> None:
@@ -71,6 +90,12 @@ class PackedVirtqueue(SplitVirtqueue):
         self.avail_wrap = num >> 15 & 1
         self.used_idx = self.last_avail_idx
         self.used_wrap = self.avail_wrap
+        if self.started and self.inflight is not None and self.desc is not None:
+            # A position from the owner's device parts, for a ring at rest: the
+            # region follows it, nothing is in flight.
+            self._resubmit = []
+            if self.last_avail_idx < self.size:
+                self.inflight.init(self.size, self.used_idx, self.used_wrap)
 
     def base(self) -> int:
         return (self.last_avail_idx | self.avail_wrap << 15
@@ -89,6 +114,10 @@ class PackedVirtqueue(SplitVirtqueue):
         except RingError as e:
             self.fail(str(e))
             return
+        if self.inflight is not None:
+            self._recover_inflight()
+            if self.broken:
+                return
         self._signalled_valid = False
         # Ask for every kick.
         _u16_pack(self.used, 2, RING_EVENT_FLAGS_ENABLE)
@@ -119,6 +148,7 @@ class PackedVirtqueue(SplitVirtqueue):
         handler = self.handler
         walk = self._walk
         logging = self.dirty_log is not None or self.tracker is not None
+        inflight = self.inflight
         while True:
             flags = _u16_unpack(desc, 16 * self.last_avail_idx + 14)[0]
             avail = flags & VRING_PACKED_DESC_F_AVAIL != 0
@@ -133,12 +163,19 @@ class PackedVirtqueue(SplitVirtqueue):
                 pos -= num
                 self.avail_wrap ^= 1
             self.last_avail_idx = pos
+            if inflight is not None:
+                inflight.take(slot, count, desc)
             n = handler(buf_id, readable, writable)
             if n >= 0:
                 if written:
                     self._mark_writes(written)
                 self._push(buf_id, n, count)
             else:
+                if inflight is not None and not self._warned_out_of_order:
+                    self._warned_out_of_order = True
+                    log.warning("%s: a request completes later, perhaps out of order; "
+                                "inflight recovery of packed rings assumes in-order "
+                                "completion", self.name)
                 self._chain_len[buf_id] = count
                 if written is None:
                     # Logging may begin before it completes: learn its buffers now,
@@ -147,12 +184,18 @@ class PackedVirtqueue(SplitVirtqueue):
                     walk(slot, written)
                 self._pending_writes[buf_id] = written
 
-    def _walk(self, head: int, written: list[tuple[int, int]] | None = None
+    def _walk(self, head: int, written: list[tuple[int, int]] | None = None,
+              saved: bytearray | None = None
               ) -> tuple[int, int, list[memoryview], list[memoryview]]:  # type: ignore[override]
         """The chain starting at ring slot ``head``: (buffer id, ring slots used,
-        readable views, writable views)."""
-        desc = self.desc
-        num = self.size
+        readable views, writable views). With ``saved``, the chain is that copy of
+        its descriptors (from the inflight region), ``head`` being 0."""
+        if saved is None:
+            desc: memoryview | bytearray | None = self.desc
+            num = self.size
+        else:
+            desc = saved
+            num = len(saved) // 16
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         i = head
@@ -218,19 +261,24 @@ class PackedVirtqueue(SplitVirtqueue):
         if not self._batch:
             self._batch_old = self.used_idx
             self._batch_wrapped = False
-        off = 16 * self.used_idx
+        slot = self.used_idx
+        wrap = self.used_wrap
+        off = 16 * slot
         _ID_LEN.pack_into(desc, off + 8, length, buf_id)
-        flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if self.used_wrap else 0
+        flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if wrap else 0
         # id and len before flags: x86 keeps the stores in this order.
         _u16_pack(desc, off + 14, flags)
         if self.dirty_log is not None or self.tracker is not None:
             self._mark_ring(off, 16)
-        pos = self.used_idx + count
+        pos = slot + count
         if pos >= self.size:
             pos -= self.size
             self.used_wrap ^= 1
             self._batch_wrapped = True
         self.used_idx = pos
+        if self.inflight is not None:
+            # In order, the chain completed here was taken at this very slot.
+            self.inflight.completed(slot, slot, wrap, pos, self.used_wrap)
         self._batch.append(buf_id)
         self.requests += 1
 
@@ -275,9 +323,104 @@ class PackedVirtqueue(SplitVirtqueue):
             off -= self.size
         return ((new - off - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
+    # ---- reconnect ---------------------------------------------------------
     def _recover_inflight(self) -> None:
-        # The inflight region covers split rings only (docs/architecture.md).
-        pass
+        """Take the ring position and the chains in flight from the region (see
+        vhostd/engine/inflight.py); a fresh region starts at the front end's base."""
+        inflight = self.inflight
+        assert inflight is not None and self.desc is not None
+        if not inflight.valid:
+            inflight.init(self.size, self.used_idx, self.used_wrap)
+            return
+        size = self.size
+        sent = self.base()
+        chains = inflight.pending()
+        expect = None
+        total = 0
+        for slot, count, lap in chains:
+            total += count
+            if not 1 <= count <= size or total > size or expect not in (None, (slot, lap)):
+                self.fail(f"inflight region is inconsistent: chain at slot {slot} (lap "
+                          f"{lap}, {count} slots) does not follow the one before it")
+                return
+            expect = _advance(slot, lap, count, size)
+        # The oldest chain's used descriptor may have been published just before the
+        # crash: its head slot then carries the USED bit of the chain's lap (also if
+        # the driver has since made the slot available again for the next lap).
+        done = 0
+        while chains:
+            slot, count, lap = chains[0]
+            flags = _u16_unpack(self.desc, 16 * slot + 14)[0]
+            if bool(flags & VRING_PACKED_DESC_F_USED) != bool(lap):
+                break
+            inflight.completed(slot, slot, lap, *_advance(slot, lap, count, size))
+            chains.pop(0)
+            done += 1
+        position = inflight.position()
+        if chains:
+            head, _, lap = chains[0]
+            if position != (head, lap):
+                log.warning("%s: inflight region's used position %s is not that of its "
+                            "oldest chain in flight (slot %d, lap %d); using the chain's",
+                            self.name, position, head, lap)
+            self.used_idx, self.used_wrap = head, lap
+            slot, count, lap = chains[-1]
+            self.last_avail_idx, self.avail_wrap = _advance(slot, lap, count, size)
+        else:
+            if position[0] >= size or position[1] > 1:
+                self.fail(f"inflight region's used position {position} is not on the ring")
+                return
+            self.used_idx, self.used_wrap = position
+            self.last_avail_idx, self.avail_wrap = position
+        if done or chains:
+            log.info("%s: inflight region: %d request(s) completed by the previous back "
+                     "end, resubmitting %d request(s)", self.name, done, len(chains))
+        log.info("%s: ring position %#x from the inflight region (the front end sent %#x)",
+                 self.name, self.base(), sent)
+        self._resubmit = [slot for slot, _, _ in chains]
+
+    def resubmit(self) -> None:
+        """Serve the chains recovered from the inflight region again, oldest first,
+        from the copies of their descriptors (their head slots may already hold used
+        descriptors written before the crash)."""
+        slots = self._resubmit
+        inflight = self.inflight
+        if not slots or not self.ready or inflight is None:
+            return
+        self._resubmit = []
+        try:
+            for slot in slots:
+                saved = inflight.chain(slot)
+                written: list[tuple[int, int]] = []
+                buf_id, count, readable, writable = self._walk(0, written, saved)
+                if 16 * count != len(saved):
+                    raise RingError(f"saved chain at slot {slot} ends after {count} of "
+                                    f"{len(saved) // 16} descriptors")
+                n = self.handler(buf_id, readable, writable)
+                if n >= 0:
+                    self._mark_writes(written)
+                    self._push(buf_id, n, count)
+                else:
+                    self._chain_len[buf_id] = count
+                    self._pending_writes[buf_id] = written
+        except RingError as e:
+            self._publish()
+            self.fail(str(e))
+            return
+        except Exception as e:
+            log.exception("%s: internal error resubmitting requests", self.name)
+            self._publish()
+            self.fail(f"internal error: {e!r}")
+            return
+        self._publish()
+
+
+def _advance(slot: int, lap: int, count: int, size: int) -> tuple[int, int]:
+    """The ring position ``count`` slots after (slot, lap)."""
+    slot += count
+    if slot >= size:
+        return slot - size, lap ^ 1
+    return slot, lap
 
 
 def set_layout(q: SplitVirtqueue, packed: bool) -> None:

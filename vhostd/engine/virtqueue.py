@@ -121,6 +121,41 @@ class SplitVirtqueue:
         self.requests = 0  # statistics: chains completed
         self._resubmit: list[int] = []
 
+    # ---- moving between processes (queue workers) ----------------------------
+    # A ring at rest (every taken chain completed and published) is fully described
+    # by its configuration and its position; fds and mappings travel separately.
+    CONFIG_FIELDS = ("index", "size", "desc_addr", "avail_addr", "used_addr", "log_addr",
+                     "addr_flags", "event_idx", "indirect", "enabled", "max_size", "name")
+    POSITION_FIELDS = ("last_avail_idx", "used_idx", "_signalled_used", "_signalled_valid",
+                       "requests", "_resubmit", "broken")
+
+    def export_state(self) -> dict[str, object]:
+        """Configuration and position of a resolved ring at rest."""
+        assert not self._batch and not self._pending_writes, "ring is not at rest"
+        state: dict[str, object] = {f: getattr(self, f)
+                                    for f in self.CONFIG_FIELDS + self.POSITION_FIELDS}
+        state["packed"] = False
+        state["inflight_counter"] = getattr(self.inflight, "counter", 0)
+        return state
+
+    def import_position(self, state: dict[str, object]) -> None:
+        """Take over the position another process reached with this ring."""
+        for f in self.POSITION_FIELDS:
+            setattr(self, f, state[f])
+        if self.inflight is not None:
+            self.inflight.counter = state["inflight_counter"]
+
+    def import_state(self, state: dict[str, object], memory: GuestMemory) -> None:
+        """Become the ring ``state`` describes, running on ``memory``."""
+        for f in self.CONFIG_FIELDS:
+            setattr(self, f, state[f])
+        self._qva = None
+        self._have_gpa = True
+        self.memory = memory
+        self.started = True
+        self.import_position(state)
+        self.resolve()
+
     # ---- configuration -----------------------------------------------------
     def set_num(self, num: int) -> None:
         if num == 0 or num & (num - 1) or num > self.max_size:

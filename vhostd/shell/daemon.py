@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..engine.backend import VhostUserBackend
 from .server import DeviceServer
+from .worker import WorkerProcess
 
 log = logging.getLogger("vhostd")
 
@@ -26,15 +27,24 @@ class Endpoint:
 class Daemon:
     """Every device of one vhostd process, on one event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, endpoints: list[Endpoint]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, endpoints: list[Endpoint],
+                 workers: list[WorkerProcess] | None = None) -> None:
         self.loop = loop
         self.stopping = asyncio.Event()
         self.servers = [DeviceServer(loop, ep.backend, ep.sock, ep.path) for ep in endpoints]
+        self.workers = workers or []
+        for worker in self.workers:
+            worker.watch(loop, self._worker_exited)
+
+    def _worker_exited(self, worker: WorkerProcess) -> None:
+        """A queue worker died: its rings are served by this process from now on."""
+        for server in self.servers:
+            server.backend.host_died(worker)
 
     def refresh_capacity(self) -> None:
         """SIGHUP: a backing file may have grown; tell the front ends that changed."""
         for server in self.servers:
-            changed = server.backend.device.refresh_capacity()
+            changed = server.backend.refresh_capacity()
             if changed and server.connection is not None:
                 server.backend.config_changed()
 
@@ -51,5 +61,7 @@ class Daemon:
             log.info("shutting down")
             for server in self.servers:
                 server.close()
+            for worker in self.workers:
+                worker.close()
             for server in self.servers:
                 server.backend.device.close()

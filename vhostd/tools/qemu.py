@@ -51,14 +51,24 @@ def _prop(value: str | int | bool) -> str:
     return str(value)
 
 
-def _memory_mib(size: int | str) -> int:
-    """'512M', '1G' or a number of MiB -> MiB."""
+# Guest RAM size for the tools and tests: 512 MiB less 8 KiB. QEMU 7.2 under TCG loses
+# guest writes during live migration when a RAM block is a multiple of 64 pages: its
+# fast dirty-bitmap sync clears the migration bits without resetting the vCPUs' TLB
+# dirty state, so a page written after a non-final sync is never sent again. The
+# per-page path an unaligned size takes does reset it. (Seen without any vhost-user
+# device too; fixed in later QEMU.) docs/architecture.md, "Migration and restart".
+DEFAULT_MEMORY = "524280K"
+
+
+def _memory_kib(size: int | str) -> int:
+    """'512M', '1G', '524280K' or a number of MiB -> KiB."""
     if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"(\d+)\s*([MG]?)i?B?", size.strip(), re.IGNORECASE)
+        return size * 1024
+    match = re.fullmatch(r"(\d+)\s*([KMG]?)i?B?", size.strip(), re.IGNORECASE)
     if not match:
         raise ValueError(f"bad memory size {size!r}")
-    return int(match.group(1)) * (1024 if match.group(2).upper() == "G" else 1)
+    return int(match.group(1)) * {"K": 1, "": 1024, "M": 1024, "G": 1 << 20}[
+        match.group(2).upper()]
 
 
 class GuestVM:
@@ -74,7 +84,7 @@ class GuestVM:
         image: GuestImage,
         disks: Sequence[VhostUserBlkDisk] = (),
         *,
-        memory: int | str = "512M",
+        memory: int | str = DEFAULT_MEMORY,
         run: str | None = None,
         args: Sequence[str | int] = (),
         extra_args: Sequence[str] = (),
@@ -89,7 +99,7 @@ class GuestVM:
         # A QEMU configuration file (qemu-configs/) that describes machine, memory and
         # disks instead of the arguments built here.
         self.readconfig = Path(readconfig) if readconfig is not None else None
-        self.memory_mib = _memory_mib(memory)
+        self.memory_kib = _memory_kib(memory)
         self.run = run
         self.args = [str(a) for a in args]
         for arg in self.args:
@@ -132,7 +142,7 @@ class GuestVM:
             if self.qmp is not None:
                 cmd += ["-qmp", f"unix:{self.qmp},server=on,wait=off"]
             return cmd + self.extra_args
-        mem = f"{self.memory_mib}M"
+        mem = f"{self.memory_kib}K"
         cmd = [
             self.qemu,
             # KVM is present on some hosts but guests hang there; TCG always works.

@@ -1,0 +1,20 @@
+"""Devices rebuilt inside a queue worker process from what the main process sends."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .blk import BlkDevice
+
+# kind -> constructor taking (spec, fds); the constructor adopts the fds.
+_KINDS: dict[str, Callable[[dict[str, object], list[int]], object]] = {
+    "blk": BlkDevice.from_offload_spec,
+}
+
+
+def device_from_spec(spec: dict[str, object], fds: list[int]) -> object:
+    try:
+        make = _KINDS[str(spec["kind"])]
+    except KeyError:
+        raise ValueError(f"no device kind {spec.get('kind')!r} can run in a worker") from None
+    return make(spec, fds)
