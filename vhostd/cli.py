@@ -236,7 +236,7 @@ def _start_workers(args: argparse.Namespace, endpoints: list[Endpoint]
     workers: list[WorkerProcess] = []
     try:
         for i in range(n):
-            workers.append(WorkerProcess(f"worker{i + 1}", args.log_level, args.event_loop))
+            workers.append(WorkerProcess(f"worker{i + 1}", args.log_level))
     except OSError as e:
         for w in workers:
             w.close()

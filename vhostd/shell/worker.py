@@ -2,8 +2,9 @@
 
 The main process starts workers with :class:`WorkerProcess` and gives each back end
 the ones that serve its rings (engine/offload.py explains when rings move). Each
-worker is ``python -m vhostd.shell.worker``: an event loop that watches its control
-socket and the kick eventfds of the rings it serves.
+worker is ``python -m vhostd.shell.worker``: a plain epoll loop (no asyncio or uvloop,
+which would cost memory and time for nothing here) that watches its control socket
+and the kick eventfds of the rings it serves.
 
 On the control socket (a socketpair) every message is ``le32 length`` plus a JSON
 object, with fds attached to its first byte. The main process sends ``run`` (a ring
@@ -15,22 +16,25 @@ never leaves a process serving a ring that a restarted daemon serves again.
 from __future__ import annotations
 
 import array
-import asyncio
 import ctypes
 import ctypes.util
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..engine.memory import close_fds
 from ..engine.offload import HostError, RingWork, Spec
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +92,13 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 class WorkerProcess:
     """The main process's handle on one worker: a :class:`~vhostd.engine.offload.RingHost`."""
 
-    def __init__(self, name: str, log_level: str = "info", event_loop: str = "uvloop") -> None:
+    def __init__(self, name: str, log_level: str = "info") -> None:
         self.name = name
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "vhostd.shell.worker", str(child.fileno()), name,
-                 log_level, event_loop, str(os.getpid())],
+                 log_level, str(os.getpid())],
                 pass_fds=[child.fileno()],
             )
         except OSError:
@@ -177,8 +181,47 @@ class WorkerProcess:
 
 
 # ---- the worker process -----------------------------------------------------------
+class EpollLoop:
+    """Just what a worker needs of an event loop: level-triggered fd callbacks."""
+
+    def __init__(self) -> None:
+        self.epoll = select.epoll()
+        self.readers: dict[int, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
+        self.running = False
+
+    def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> None:
+        if fd in self.readers:
+            self.epoll.modify(fd, select.EPOLLIN)
+        else:
+            self.epoll.register(fd, select.EPOLLIN)
+        self.readers[fd] = (callback, args)
+
+    def remove_reader(self, fd: int) -> bool:
+        if self.readers.pop(fd, None) is None:
+            return False
+        self.epoll.unregister(fd)
+        return True
+
+    def stop(self) -> None:
+        self.running = False
+
+    def run_forever(self) -> None:
+        self.running = True
+        poll = self.epoll.poll
+        readers = self.readers
+        while self.running:
+            try:
+                events = poll()
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                entry = readers.get(fd)  # an earlier callback may have removed it
+                if entry is not None:
+                    entry[0](*entry[1])
+
+
 class Worker:
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    def __init__(self, loop: EpollLoop, sock: socket.socket) -> None:
         from ..devices.offload import device_from_spec
 
         self.loop = loop
@@ -186,7 +229,6 @@ class Worker:
         self.rings: dict[str, RingWork] = {}
         self.make_device = device_from_spec
         loop.add_reader(sock.fileno(), self._control)
-
     def _control(self) -> None:
         try:
             msg, fds = recv_msg(self.sock)
@@ -221,7 +263,7 @@ class Worker:
 
 
 def main(argv: list[str]) -> int:
-    fd, name, level, event_loop, parent = int(argv[0]), argv[1], argv[2], argv[3], int(argv[4])
+    fd, name, level, parent = int(argv[0]), argv[1], argv[2], int(argv[3])
     libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
@@ -229,12 +271,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()),
                         format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
-    if event_loop == "uvloop":
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
+    loop = EpollLoop()
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     worker = Worker(loop, sock)
@@ -243,7 +280,6 @@ def main(argv: list[str]) -> int:
     finally:
         for work in worker.rings.values():
             work.recall()
-        loop.close()
     return 0
 
 

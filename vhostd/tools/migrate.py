@@ -33,7 +33,6 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from vhostd_proto.virtio import Feature
 from vhostd_proto.virtio_admin import DevPartVqCfg, PartType
 
 from ..engine.parts import decode_parts
@@ -108,16 +107,6 @@ def check_members(move: OwnerMove) -> None:
             raise MigrationError(f"member {m} does not exist (the owner at {owner} has {n})")
     if move.same_owner and move.source == move.dest:
         raise MigrationError("source and destination member are the same")
-    with AdminDriver(move.owner_socket) as admin:
-        admin.activate()
-        for part in decode_parts(admin.parts_get(move.source)):
-            if (part.part_type == PartType.VIRTIO_DEV_PART_DRV_FEATURES
-                    and int.from_bytes(part.value, "little") >> Feature.VIRTIO_F_RING_PACKED & 1):
-                # Repeated migrations of a packed-ring guest corrupted its memory in
-                # testing (cause not yet found): refuse rather than risk the guest.
-                raise MigrationError(f"member {move.source} uses packed virtqueues, which "
-                                     f"vhostd cannot live-migrate yet; start the guest with "
-                                     f"packed=off")
     with AdminDriver(move.dest_owner) as admin:
         admin.activate()
         # Busy: a driver has the member running with a ring enabled. A member whose
