@@ -144,9 +144,11 @@ def run_vhostd(image: GuestImage, disk: Path, work: Path, runtime: int, jobs: li
     sock = work / "vhostd.sock"
     pidfile = work / "vhostd.pid"
     pidfile.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "vhostd", f"--socket-path={sock}",
-                             f"--blk-file={disk}", "--num-queues=2", "--log-level=warning",
-                             f"--pidfile={pidfile}", *VHOSTD_ARGS])
+    log_path = work / "vhostd.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "vhostd", f"--socket-path={sock}",
+                                 f"--blk-file={disk}", "--num-queues=2",
+                                 f"--pidfile={pidfile}", *VHOSTD_ARGS], stderr=log_file)
     try:
         while not pidfile.exists():
             if proc.poll() is not None:
@@ -155,6 +157,9 @@ def run_vhostd(image: GuestImage, disk: Path, work: Path, runtime: int, jobs: li
         run = Run("vhostd", backing)
         run_guest(image, sock, proc.pid, runtime, jobs, run)
         return run
+    except Exception:
+        print("vhostd's log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
+        raise
     finally:
         proc.terminate()
         proc.wait(10)

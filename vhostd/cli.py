@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes that serve request queues beside the main "
                         "process, so several queues (or devices) use several cores; queues "
                         "are dealt round-robin to the main process and the workers "
-                        "(default auto: one less than the smaller of CPUs and queues)")
+                        "(default auto: one less than the smaller of half the CPUs and the queues)")
     p.add_argument("--pidfile", metavar="PATH",
                    help="write the process id here once the socket listens (readiness)")
     p.add_argument("--log-level", default="info",
@@ -230,7 +230,10 @@ def _start_workers(args: argparse.Namespace, endpoints: list[Endpoint]
     total = sum(b.device.num_queues for b in backends)
     n = args.queue_workers
     if n is None:
-        n = max(0, min(len(os.sched_getaffinity(0)), total) - 1)
+        # Half the CPUs are left to the guests' vCPUs and QEMU: on a 2-CPU host a TCG
+        # guest with 2 vCPUs ran 2 queues faster with vhostd in one process
+        # (docs/performance.md).
+        n = max(0, min(len(os.sched_getaffinity(0)) // 2, total) - 1)
     if n == 0:
         return []
     workers: list[WorkerProcess] = []

@@ -52,7 +52,9 @@ class Cluster:
         self.disk = disk
         args = [f"--member=socket-path={workdir}/m{i}.sock,blk-file={disk}{extra}"
                 for i, extra in enumerate(members, start=1)]
-        self.daemon = vhostd(*args, socket_path=workdir / "owner.sock")
+        # Member 2 is served by a queue worker, member 1 by the main process: each
+        # migration moves a ring between processes.
+        self.daemon = vhostd(*args, "--queue-workers=1", socket_path=workdir / "owner.sock")
         self.owner = str(workdir / "owner.sock")
         self.vms: list[GuestVM] = []
         self.packed = False

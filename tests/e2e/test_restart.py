@@ -34,10 +34,14 @@ def test_kill_9_under_write_load_ten_times(guest_image: GuestImage, workdir: Pat
     state = workdir / "state"
     state.mkdir()
     sock = workdir / "blk.sock"
-    args = (f"--blk-file={image}", f"--state-dir={state}")
+    # Two queues, the second served by a queue worker: the worker dies with the daemon
+    # and the restarted daemon serves both rings again.
+    args = (f"--blk-file={image}", f"--state-dir={state}", "--num-queues=2",
+            "--queue-workers=1")
     daemon = vhostd(*args, socket_path=sock)
     # The guest switches to writethrough, then writes and verifies in rounds.
-    with GuestVM(guest_image, [VhostUserBlkDisk(sock, reconnect=1)], run="migrate_load",
+    with GuestVM(guest_image, [VhostUserBlkDisk(sock, reconnect=1, num_queues=2)],
+                 run="migrate_load",
                  args=["60", "8M", "vda", "wt"]) as vm:
         vm.wait_for("CACHE-TYPE write through", TIMEOUT)
         vm.wait_for("LOAD-ROUND 1 OK", TIMEOUT)

@@ -63,8 +63,10 @@ def test_mkfs_file_fsck_checksum(guest_image, sock, sparse_image, vhostd) -> Non
         assert f.read(2) == b"\x53\xef"
 
 
-def test_two_queues(guest_image, sock, sparse_image, vhostd) -> None:
-    d = vhostd(f"--blk-file={sparse_image(256 * MiB)}", "--num-queues=2", socket_path=sock)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_two_queues(guest_image, sock, sparse_image, vhostd, workers: int) -> None:
+    d = vhostd(f"--blk-file={sparse_image(256 * MiB)}", "--num-queues=2",
+               f"--queue-workers={workers}", socket_path=sock)
     vm = run_script(guest_image, sock, "multiqueue", ["2"], num_queues=2)
     assert "NUM-QUEUES 2" in vm.console
     d.stop()

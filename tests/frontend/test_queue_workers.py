@@ -276,9 +276,10 @@ def test_zero_workers_start_no_process(start: Callable[..., Any],
 
 
 @pytest.mark.parametrize("queues", [1, 2, 4])
-def test_auto_is_one_less_than_cpus_or_queues(start: Callable[..., Any], queues: int) -> None:
+def test_auto_is_one_less_than_half_the_cpus_or_queues(start: Callable[..., Any],
+                                                       queues: int) -> None:
     p = start(f"--num-queues={queues}")  # default: auto
-    expect = max(0, min(len(os.sched_getaffinity(0)), queues) - 1)
+    expect = max(0, min(len(os.sched_getaffinity(0)) // 2, queues) - 1)
     pids = worker_pids(p.log)
     assert len(pids) == expect
     assert sorted(children(p.proc.pid)) == sorted(pids)

@@ -187,7 +187,11 @@ class VhostUserBackend:
                     self._lost(self.queues[i], host, str(e))
                 continue
             for i in indices:
-                self._came_home(self.queues[i], states[self._ring_key(i)])
+                back = states.get(self._ring_key(i))
+                if back is None:
+                    self._lost(self.queues[i], host, "it no longer had the ring")
+                else:
+                    self._came_home(self.queues[i], back)
 
     def _came_home(self, q: SplitVirtqueue, back: dict[str, Any]) -> None:
         q.import_position(back["ring"])
@@ -211,6 +215,8 @@ class VhostUserBackend:
             q.start(self.memory)
             if q.inflight is None:
                 q.last_avail_idx = q.used_idx
+            # The worker may have read the last kick: look at the ring now.
+            q.process()
 
     def host_died(self, host: RingHost) -> None:
         """A worker exited: its rings come back (and restart) here at once, even if no
