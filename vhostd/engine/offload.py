@@ -137,6 +137,7 @@ class RingWork:
         try:
             self.device = make_device(spec["device"], [fds[s] for s in spec["device_fds"]])
         except Exception:
+            # The other fds were closed above or belong to the ring now.
             close_fds([fds[s] for s in spec["device_fds"]])
             self._close_ring(q)
             raise

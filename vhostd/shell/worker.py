@@ -229,6 +229,7 @@ class Worker:
         self.rings: dict[str, RingWork] = {}
         self.make_device = device_from_spec
         loop.add_reader(sock.fileno(), self._control)
+
     def _control(self) -> None:
         try:
             msg, fds = recv_msg(self.sock)
@@ -239,13 +240,15 @@ class Worker:
         op = msg.get("op")
         if op == "run":
             key = msg["key"]
+            if key in self.rings:
+                close_fds(fds)
+                send_msg(self.sock, {"error": f"already serving {key}"})
+                return
             try:
-                if key in self.rings:
-                    raise ValueError(f"already serving {key}")
+                # RingWork owns the fds from here on, also when it fails.
                 self.rings[key] = RingWork(msg["spec"], fds, self.loop, self.make_device)
             except Exception as e:  # refused: the daemon serves the ring itself
                 log.exception("cannot serve %s", key)
-                close_fds(fds)
                 send_msg(self.sock, {"error": f"cannot serve {key}: {e}"})
                 return
             send_msg(self.sock, {})
