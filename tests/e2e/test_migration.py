@@ -23,7 +23,7 @@ from vhostd.frontend.admin import AdminDriver
 from vhostd.tools.guest import GuestImage
 from vhostd.tools.migrate import MigrationError, OwnerMove, migrate
 from vhostd.tools.parts_stream import read_records
-from vhostd.tools.qemu import GuestVM, VhostUserBlkDisk
+from vhostd.tools.qemu import MIGRATION_MEMORY, GuestVM, VhostUserBlkDisk
 from vhostd_proto.virtio_admin import PartType
 
 pytestmark = pytest.mark.e2e
@@ -65,7 +65,7 @@ class Cluster:
 
     def boot(self, member: int, script_args: list[str]) -> GuestVM:
         vm = GuestVM(self.image, [self.blk(member)],
-                     run="migrate_load", args=script_args,
+                     run="migrate_load", memory=MIGRATION_MEMORY, args=script_args,
                      qmp=self.dir / f"q{len(self.vms)}.qmp")
         self.vms.append(vm)
         return vm.start()
@@ -73,7 +73,7 @@ class Cluster:
     def incoming(self, member: int, script_args: list[str]) -> tuple[GuestVM, str]:
         uri = f"unix:{self.dir}/mig{len(self.vms)}.sock"
         vm = GuestVM(self.image, [self.blk(member)],
-                     run="migrate_load", args=script_args,
+                     run="migrate_load", memory=MIGRATION_MEMORY, args=script_args,
                      qmp=self.dir / f"q{len(self.vms)}.qmp", extra_args=["-incoming", uri])
         self.vms.append(vm)
         vm.start()
@@ -114,7 +114,7 @@ def run_migration(c: Cluster, src: GuestVM, dst: GuestVM, uri: str, a: int, b: i
 def test_migrate_back_and_forth_under_verified_load(cluster: Cluster, packed: bool) -> None:
     """1 -> 2 -> 1 -> 2 under load, split and packed rings. (With 512 MiB of guest RAM
     this failed about once in 25 migrations: QEMU 7.2's TCG dirty tracking loses guest
-    writes when RAM is a multiple of 64 pages; tools/qemu.py's DEFAULT_MEMORY.)"""
+    writes when RAM is a multiple of 64 pages; tools/qemu.py's MIGRATION_MEMORY.)"""
     cluster.packed = packed
     args = ["45", "16M", "vda", "wt"]
     vm = cluster.boot(1, args)
@@ -202,9 +202,11 @@ def test_migrate_between_two_daemons_through_a_parts_stream(workdir: Path, vhost
         owners.append(str(workdir / f"{host}-owner.sock"))
     args = ["25", "8M", "vda", "wt"]
     src = GuestVM(guest_image, [VhostUserBlkDisk(workdir / "a1.sock")], run="migrate_load",
+                  memory=MIGRATION_MEMORY,
                   args=args, qmp=workdir / "src.qmp")
     uri = f"unix:{workdir}/mig.sock"
     dst = GuestVM(guest_image, [VhostUserBlkDisk(workdir / "b1.sock")], run="migrate_load",
+                  memory=MIGRATION_MEMORY,
                   args=args, qmp=workdir / "dst.qmp", extra_args=["-incoming", uri])
     stream = workdir / "parts.stream"
     try:
@@ -253,7 +255,8 @@ def _qmp_command(path: Path, command: str) -> dict[str, object]:
 def test_cancelled_qemu_migration_keeps_the_source(cluster: Cluster) -> None:
     args = ["20", "8M"]
     monitor = cluster.dir / "source-monitor.qmp"
-    vm = GuestVM(cluster.image, [cluster.blk(1)], run="migrate_load", args=args,
+    vm = GuestVM(cluster.image, [cluster.blk(1)], run="migrate_load",
+                 memory=MIGRATION_MEMORY, args=args,
                  qmp=cluster.dir / "q0.qmp",
                  extra_args=["-qmp", f"unix:{monitor},server=on,wait=off"])
     cluster.vms.append(vm)
@@ -300,12 +303,13 @@ def test_destination_ram_equals_source_ram(cluster: Cluster, attempt: int) -> No
     neither QEMU's tracking nor the back end's dirty log reported. With 512 MiB of RAM
     this failed in about 1 try of 3, with vhostd, with qemu-storage-daemon and with no
     vhost-user device at all (QEMU 7.2's TCG dirty-tracking bug for RAM blocks aligned
-    to 64 pages); with DEFAULT_MEMORY (512 MiB - 8 KiB) it has not failed."""
+    to 64 pages); with MIGRATION_MEMORY (512 MiB - 8 KiB) it has not failed."""
     args = ["40", "16M", "vda"]
     vm = cluster.boot(1, args)
     vm.wait_for("LOAD-ROUND 2 OK", TIMEOUT)
     uri = f"unix:{cluster.dir}/mig.sock"
-    dst = GuestVM(cluster.image, [cluster.blk(2)], run="migrate_load", args=args,
+    dst = GuestVM(cluster.image, [cluster.blk(2)], run="migrate_load",
+                  memory=MIGRATION_MEMORY, args=args,
                   qmp=cluster.dir / "dst.qmp", extra_args=["-incoming", uri, "-S"])
     cluster.vms.append(dst)
     dst.start()
