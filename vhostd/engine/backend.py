@@ -207,9 +207,7 @@ class VhostUserBackend:
         region)."""
         self.log.error("%s: worker %s failed (%s); this process serves the ring from now on",
                        q.name, host.name, why)
-        self.hosts = [None if h is host else h for h in self.hosts]
-        for other in self.queues:
-            self._update_watch(other)
+        self._forget_host(host)
         if q.started and q.configured:
             q.started = False
             q.start(self.memory)
@@ -224,9 +222,13 @@ class VhostUserBackend:
         if not any(h is host for h in self.hosts):
             return
         with self.rings_home():
-            self.hosts = [None if h is host else h for h in self.hosts]
-            for q in self.queues:
-                self._update_watch(q)
+            self._forget_host(host)
+
+    def _forget_host(self, host: RingHost) -> None:
+        """This process serves every ring ``host`` was to serve."""
+        self.hosts = [None if h is host else h for h in self.hosts]
+        for q in self.queues:
+            self._update_watch(q)
 
     def _send_away(self) -> None:
         for q in self.queues:

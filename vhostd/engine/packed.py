@@ -388,7 +388,8 @@ class PackedVirtqueue(SplitVirtqueue):
         if not slots or not self.ready or inflight is None:
             return
         self._resubmit = []
-        try:
+
+        def serve_all() -> None:
             for slot in slots:
                 saved = inflight.chain(slot)
                 written: list[tuple[int, int]] = []
@@ -403,16 +404,8 @@ class PackedVirtqueue(SplitVirtqueue):
                 else:
                     self._chain_len[buf_id] = count
                     self._pending_writes[buf_id] = written
-        except RingError as e:
-            self._publish()
-            self.fail(str(e))
-            return
-        except Exception as e:
-            log.exception("%s: internal error resubmitting requests", self.name)
-            self._publish()
-            self.fail(f"internal error: {e!r}")
-            return
-        self._publish()
+
+        self._guarded(serve_all, "resubmitting requests")
 
 
 def _advance(slot: int, lap: int, count: int, size: int) -> tuple[int, int]:

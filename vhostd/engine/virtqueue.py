@@ -298,16 +298,20 @@ class SplitVirtqueue:
             self.resubmit()
             if not self.ready:
                 return
+        self._guarded(self._drain, "serving the ring")
+
+    def _guarded(self, work: Callable[[], None], what: str) -> None:
+        """Run ``work`` (which serves chains), then publish. A broken ring stops; so
+        does a bug (not the driver's fault): completed work is still published and
+        the queue stops rather than report a position past a request it lost."""
         try:
-            self._drain()
+            work()
         except RingError as e:
             self._publish()
             self.fail(str(e))
             return
         except Exception as e:
-            # A bug, not the driver's fault; still, completed work is published and the
-            # queue stops rather than report a position past a request it lost.
-            log.exception("%s: internal error serving the ring", self.name)
+            log.exception("%s: internal error %s", self.name, what)
             self._publish()
             self.fail(f"internal error: {e!r}")
             return
@@ -527,21 +531,14 @@ class SplitVirtqueue:
         if not heads or not self.ready:
             return
         self._resubmit = []
-        try:
+
+        def serve_all() -> None:
             for head in heads:
                 written: list[tuple[int, int]] = []
                 readable, writable = self._walk(head, written)
                 self._serve(head, readable, writable, written)
-        except RingError as e:
-            self._publish()
-            self.fail(str(e))
-            return
-        except Exception as e:
-            log.exception("%s: internal error resubmitting requests", self.name)
-            self._publish()
-            self.fail(f"internal error: {e!r}")
-            return
-        self._publish()
+
+        self._guarded(serve_all, "resubmitting requests")
 
     def _serve(self, head: int, readable: list[memoryview], writable: list[memoryview],
                written: list[tuple[int, int]]) -> None:
