@@ -19,6 +19,7 @@ from .devices.backing import FileBackend
 from .devices.blk import BlkDevice, BlkOptions
 from .devices.owner import OwnerDevice
 from .engine.backend import VhostUserBackend
+from .engine.inflight import CHECK_ENV
 from .shell.daemon import Daemon, Endpoint
 from .shell.server import StartupError, adopt_listening_fd, bind_unix
 from .shell.worker import WorkerProcess
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stderr log level (default info)")
     p.add_argument("--event-loop", default="uvloop", choices=["uvloop", "asyncio"],
                    help="event loop implementation (default uvloop)")
+    p.add_argument("--check-rings", action="store_true",
+                   help="debugging: check every split-ring take and completion against "
+                        "the inflight flags and log impossible ones (slower)")
     return p
 
 
@@ -274,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(CAPABILITIES))
         return 0
     _setup_logging(args.log_level)
+    if args.check_rings:
+        os.environ[CHECK_ENV] = "1"  # queue workers inherit it
     try:
         loop = _new_loop(args.event_loop)
         endpoints = _make_endpoints(args, loop)

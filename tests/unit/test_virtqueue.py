@@ -27,7 +27,12 @@ from unit_support import (
 )
 
 from vhostd.engine.backend import VhostUserBackend
-from vhostd.engine.inflight import InflightRegion
+from vhostd.engine.inflight import (
+    CHECK_ENV,
+    CheckedInflightQueue,
+    InflightQueue,
+    InflightRegion,
+)
 from vhostd.engine.virtqueue import PENDING, SplitVirtqueue
 from vhostd_proto.inflight import InflightSplitRegion, inflight_queue_stride
 from vhostd_proto.vhost_user import Request as R
@@ -648,6 +653,39 @@ def test_region_for_another_queue_size_is_reset(ring: Ring, inflight_fd: int) ->
     q, rec, region = _restart(ring, inflight_fd)
     q.resubmit()
     assert rec.heads == [] and flagged(inflight_fd) == set()
+    region.close()
+
+
+def test_ring_check_reports_a_head_taken_twice_and_a_completion_not_in_flight(
+        ring: Ring, inflight_fd: int, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv(CHECK_ENV, "1")
+    region = InflightRegion(inflight_fd, inflight_queue_stride(QS), 0, 1, QS)
+    checked = region.queues[0]
+    assert isinstance(checked, CheckedInflightQueue)
+    for head in (0, 1):
+        ring.desc(head, BUF + 0x10 * head, 1, F_WRITE)
+    rec = Recorder(result=lambda head: PENDING if head == 0 else 1)
+    q = ring.queue(rec, inflight=checked)
+    ring.publish(0, 1)
+    q.process()
+    assert checked.violations == 0  # a normal run is silent
+    ring.publish(0)  # the driver offers head 0 again while the device holds it
+    q.process()
+    assert checked.violations == 1
+    assert "head 0 taken again while in flight" in caplog.text
+    q.push_used(1, 1)  # a device bug: head 1 was completed already
+    q._publish()
+    assert checked.violations == 2
+    assert "head 1 completed but not in flight" in caplog.text
+    region.close()
+
+
+def test_ring_check_is_off_by_default(inflight_fd: int, monkeypatch: pytest.MonkeyPatch
+                                      ) -> None:
+    monkeypatch.delenv(CHECK_ENV, raising=False)
+    region = InflightRegion(inflight_fd, inflight_queue_stride(QS), 0, 1, QS)
+    assert type(region.queues[0]) is InflightQueue
     region.close()
 
 

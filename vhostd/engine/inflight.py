@@ -42,6 +42,7 @@ are served again from their copies, oldest first.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import struct
@@ -61,6 +62,13 @@ _U16 = struct.Struct("<H")
 _COUNTER = struct.Struct("<Q")
 _VERSION_OFF = 8
 _USED_IDX_OFF = 14
+
+log = logging.getLogger(__name__)
+
+# Debugging aid (``vhostd --check-rings``; the variable reaches queue workers too):
+# split rings verify each take and completion against the region's flags.
+CHECK_ENV = "VHOSTD_CHECK_RINGS"
+_CHECK_REPORTS = 20  # error lines per queue, then silence
 
 
 class InflightQueue:
@@ -108,6 +116,39 @@ class InflightQueue:
         if found:
             self.counter = found[-1][0]
         return [head for _, head in found]
+
+
+class CheckedInflightQueue(InflightQueue):
+    """:class:`InflightQueue` that reports impossible transitions: a head made
+    available again while the device still holds it (the driver's fault, or a stale
+    read of the avail ring) and a head completed that was not in flight (a device
+    bug: the driver would see a used id it does not own)."""
+
+    def __init__(self, view: memoryview, queue_size: int, name: str) -> None:
+        super().__init__(view, queue_size)
+        self.name = name
+        self.violations = 0
+
+    def _report(self, what: str, *args: object) -> None:
+        self.violations += 1
+        if self.violations <= _CHECK_REPORTS:
+            log.error("%s: ring check: " + what, self.name, *args)
+
+    def take(self, head: int) -> None:
+        flag, _next, counter = ENTRY.unpack_from(self.view, 16 + 16 * head)
+        if flag:
+            self._report("head %d taken again while in flight (taken as #%d, now #%d)",
+                         head, counter, self.counter + 1)
+        super().take(head)
+
+    def completed(self, heads: list[int], used_idx: int) -> None:
+        seen: set[int] = set()
+        for head in heads:
+            if head in seen or not _U8.unpack_from(self.view, 16 + 16 * head)[0]:
+                self._report("head %d completed but not in flight (batch %s, used_idx %d)",
+                             head, heads, used_idx)
+            seen.add(head)
+        super().completed(heads, used_idx)
 
 
 # Packed header (InflightPackedHeader): features u64, version u16, desc_num u16,
@@ -230,11 +271,15 @@ class InflightRegion:
         self.queue_size = queue_size
         self.packed = packed
         base = memoryview(self.mm)[mmap_offset:mmap_offset + mmap_size]
-        kind = PackedInflightQueue if packed else InflightQueue
-        self.queues: list[InflightQueue | PackedInflightQueue] = [
-            kind(base[i * stride:(i + 1) * stride], queue_size)
-            for i in range(num_queues)
-        ]
+        self.queues: list[InflightQueue | PackedInflightQueue] = []
+        for i in range(num_queues):
+            view = base[i * stride:(i + 1) * stride]
+            if packed:
+                self.queues.append(PackedInflightQueue(view, queue_size))
+            elif os.environ.get(CHECK_ENV):
+                self.queues.append(CheckedInflightQueue(view, queue_size, f"vq{i}"))
+            else:
+                self.queues.append(InflightQueue(view, queue_size))
 
     @staticmethod
     def create(num_queues: int, queue_size: int, packed: bool = False) -> tuple[int, int]:
