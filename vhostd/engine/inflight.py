@@ -105,6 +105,9 @@ class InflightQueue:
             _U8.pack_into(view, 16 + 16 * head, 0)
         _U16.pack_into(view, _USED_IDX_OFF, used_idx)
 
+    # Recovery clears what the used ring says was published, flagged or not.
+    settle = completed
+
     def pending_heads(self) -> list[int]:
         """Heads still flagged, oldest first."""
         found = []

@@ -516,7 +516,7 @@ class SplitVirtqueue:
         done = [head for i in range(inflight.used_idx, inflight.used_idx + published)
                 if (head := USED_ELEM.unpack_from(self.used, 4 + 8 * (i % self.size))[0])
                 < self.size]
-        inflight.completed(done, self.used_idx)
+        inflight.settle(done, self.used_idx)
         heads = inflight.pending_heads()
         if heads:
             log.info("%s: resubmitting %d request(s) left in flight by the previous "
