@@ -678,6 +678,18 @@ def test_ring_check_reports_a_head_taken_twice_and_a_completion_not_in_flight(
     q._publish()
     assert checked.violations == 2
     assert "head 1 completed but not in flight" in caplog.text
+    # The driver writes an avail entry after the device read it: a stale read.
+    ring.desc(2, BUF + 0x20, 1, F_WRITE)
+    ring.publish(2)
+
+    def late_driver(head: int) -> int:
+        ring.ram.write(ring.avail_gpa + 4 + 2 * 3, struct.pack("<H", 1))
+        return 1
+
+    rec.result = late_driver
+    q.process()
+    assert checked.violations == 3
+    assert "avail slot 3 was read as head 2 but holds 1" in caplog.text
     region.close()
 
 

@@ -46,6 +46,9 @@ import logging
 import mmap
 import os
 import struct
+import weakref
+from collections.abc import Callable
+from typing import Any
 
 from vhostd_proto.inflight import (
     INFLIGHT_PACKED_FEATURES,
@@ -122,15 +125,27 @@ class InflightQueue:
 
 
 class CheckedInflightQueue(InflightQueue):
-    """:class:`InflightQueue` that reports impossible transitions: a head made
-    available again while the device still holds it (the driver's fault, or a stale
-    read of the avail ring) and a head completed that was not in flight (a device
-    bug: the driver would see a used id it does not own)."""
+    """:class:`InflightQueue` that reports impossible transitions:
+
+    * a head made available again while the device still holds it (the driver's
+      fault, or a stale read of the avail ring);
+    * a head completed that was not in flight (a device bug: the driver would see a
+      used id it does not own);
+    * an avail ring entry that changed between the take and the completion: the
+      device read it before the driver had written it.
+    """
 
     def __init__(self, view: memoryview, queue_size: int, name: str) -> None:
         super().__init__(view, queue_size)
         self.name = name
         self.violations = 0
+        self._ring: Callable[[], Any] = lambda: None  # the SplitVirtqueue (weakly)
+        self._taken: list[tuple[int, int]] = []  # (avail slot, head) since the last publish
+
+    def attach(self, ring: Any) -> None:
+        self._ring = weakref.ref(ring)  # no cycle: the ring holds this queue
+        self.name = ring.name
+        self._taken = []
 
     def _report(self, what: str, *args: object) -> None:
         self.violations += 1
@@ -142,6 +157,10 @@ class CheckedInflightQueue(InflightQueue):
         if flag:
             self._report("head %d taken again while in flight (taken as #%d, now #%d)",
                          head, counter, self.counter + 1)
+        ring = self._ring()
+        if ring is not None and ring.size:
+            # The ring advanced past the entry just read.
+            self._taken.append(((ring.last_avail_idx - 1) % ring.size, head))
         super().take(head)
 
     def completed(self, heads: list[int], used_idx: int) -> None:
@@ -151,6 +170,15 @@ class CheckedInflightQueue(InflightQueue):
                 self._report("head %d completed but not in flight (batch %s, used_idx %d)",
                              head, heads, used_idx)
             seen.add(head)
+        ring = self._ring()
+        avail = ring.avail if ring is not None else None
+        if avail is not None:
+            for slot, head in self._taken:
+                now = _U16.unpack_from(avail, 4 + 2 * slot)[0]
+                if now != head:
+                    self._report("avail slot %d was read as head %d but holds %d "
+                                 "(read before the driver wrote it?)", slot, head, now)
+        self._taken = []
         super().completed(heads, used_idx)
 
 

@@ -155,6 +155,9 @@ class SplitVirtqueue:
         self.started = True
         self.import_position(state)
         self.resolve()
+        attach = getattr(self.inflight, "attach", None)
+        if attach is not None:
+            attach(self)  # --check-rings
 
     # ---- configuration -----------------------------------------------------
     def set_num(self, num: int) -> None:
@@ -222,6 +225,9 @@ class SplitVirtqueue:
         self.used_idx = _u16_unpack(self.used, 2)[0]
         self._signalled_valid = False
         if self.inflight is not None:
+            attach = getattr(self.inflight, "attach", None)
+            if attach is not None:
+                attach(self)  # --check-rings
             self._recover_inflight()
 
     def _begin(self, memory: GuestMemory) -> bool:
