@@ -85,10 +85,18 @@ class JobResult:
     ios: int
     cpu_s: float
     worker_cpu_s: float = 0.0  # part of cpu_s spent in queue worker processes
+    # Guest interrupts from the disk's request queues, and the disk's I/Os, over the
+    # whole job (fio's ramp included on both sides).
+    irqs: int = 0
+    disk_ios: int = 0
 
     @property
     def cpu_us_per_io(self) -> float:
         return self.cpu_s * 1e6 / self.ios if self.ios else 0.0
+
+    @property
+    def irq_per_io(self) -> float:
+        return self.irqs / self.disk_ios if self.disk_ios else 0.0
 
 
 @dataclass
@@ -97,6 +105,12 @@ class Run:
     backing: str
     jobs: dict[str, JobResult] = field(default_factory=dict)
     rss_mib: float = 0.0
+
+
+def disk_ios(text: str) -> int:
+    """I/Os the guest's block layer completed during the job, ramp time included."""
+    util = json.loads(text).get("disk_util") or [{}]
+    return int(util[0].get("read_ios", 0)) + int(util[0].get("write_ios", 0))
 
 
 def parse_fio(text: str) -> tuple[float, float, float, int]:
@@ -127,10 +141,14 @@ def run_guest(image: GuestImage, sock: Path, pid: int, runtime: int, jobs: list[
             m1, w1 = tree_cpu(pid)
             iops, bw, lat, ios = parse_fio(m.group(1))
             cpu, wcpu = (m1 - m0) + (w1 - w0), w1 - w0
-            run.jobs[job] = JobResult(iops, bw, lat, ios, cpu, wcpu)
+            irq = vm.wait_for(rf"BENCH-IRQS {job} (\d+) (\d+)", 30)
+            result = JobResult(iops, bw, lat, ios, cpu, wcpu,
+                               int(irq.group(2)) - int(irq.group(1)), disk_ios(m.group(1)))
+            run.jobs[job] = result
             split = f"  (main {m1 - m0:.1f} s, workers {wcpu:.1f} s)" if wcpu else ""
             print(f"    {run.daemon:6} {job:12} {iops:9.0f} IOPS {bw:8.1f} MiB/s "
-                  f"{lat:8.1f} us  {cpu * 1e6 / max(ios, 1):6.1f} us CPU/IO{split}", flush=True)
+                  f"{lat:8.1f} us  {result.cpu_us_per_io:6.1f} us CPU/IO "
+                  f"{result.irq_per_io:5.2f} irq/IO{split}", flush=True)
         if not vm.wait_result(120):
             raise RuntimeError(f"bench failed in the guest:\n{vm.tail()}")
     run.rss_mib = peak_rss_mib(pid)
@@ -194,6 +212,7 @@ def summarize(runs: list[Run], jobs: list[str]) -> dict[str, object]:
                 row[f"{daemon}_bw_mib"] = statistics.median(x.bw_mib for x in rs)
                 row[f"{daemon}_lat_us"] = statistics.median(x.lat_us for x in rs)
                 row[f"{daemon}_cpu_us_per_io"] = statistics.median(x.cpu_us_per_io for x in rs)
+                row[f"{daemon}_irq_per_io"] = statistics.median(x.irq_per_io for x in rs)
             row["iops_ratio"] = row["vhostd_iops"] / row["qsd_iops"]
             row["lat_ratio"] = row["vhostd_lat_us"] / row["qsd_lat_us"]
             row["cpu_per_io_ratio"] = (row["vhostd_cpu_us_per_io"] / row["qsd_cpu_us_per_io"]
@@ -211,13 +230,15 @@ def print_table(summary: dict[str, object]) -> None:
         print(f"\nbacking: {backing} (medians; ratio = vhostd / qsd)")
         print(f"{'job':12} {'vhostd IOPS':>12} {'qsd IOPS':>10} {'ratio':>6} "
               f"{'vhostd lat':>11} {'qsd lat':>9} {'ratio':>6} "
-              f"{'vhostd CPU/IO':>14} {'qsd CPU/IO':>11} {'ratio':>6}")
+              f"{'vhostd CPU/IO':>14} {'qsd CPU/IO':>11} {'ratio':>6} "
+              f"{'irq/IO v':>8} {'irq/IO q':>8}")
         for job, r in data["jobs"].items():
             print(f"{job:12} {r['vhostd_iops']:12.0f} {r['qsd_iops']:10.0f} "
                   f"{r['iops_ratio']:6.2f} {r['vhostd_lat_us']:9.1f}us "
                   f"{r['qsd_lat_us']:7.1f}us {r['lat_ratio']:6.2f} "
                   f"{r['vhostd_cpu_us_per_io']:12.1f}us {r['qsd_cpu_us_per_io']:9.1f}us "
-                  f"{r['cpu_per_io_ratio']:6.2f}")
+                  f"{r['cpu_per_io_ratio']:6.2f} {r['vhostd_irq_per_io']:8.2f} "
+                  f"{r['qsd_irq_per_io']:8.2f}")
         rss = data["peak_rss_mib"]
         print(f"peak RSS: vhostd {rss['vhostd']:.1f} MiB, qsd {rss['qsd']:.1f} MiB")
 

@@ -9,6 +9,13 @@ dev=/dev/vda
 common="--filename=$dev --ioengine=libaio --direct=1 --time_based --runtime=$runtime \
 --ramp_time=1 --size=128M --group_reporting --output-format=json"
 
+# Interrupts the disk's request queues raised so far (all CPUs): the host divides
+# the difference over a job by its I/Os.
+irqs() {
+    awk '/virtio[0-9]+-req/ { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i }
+         END { print s + 0 }' /proc/interrupts
+}
+
 for job in "$@"; do
     case $job in
         randread32) opts="--rw=randread --bs=4k --iodepth=32" ;;
@@ -19,6 +26,7 @@ for job in "$@"; do
 --cpus_allowed_policy=split" ;;
         *) echo "bench: unknown job $job"; exit 1 ;;
     esac
+    before=$(irqs)
     echo "BENCH-START $job"
     # shellcheck disable=SC2086 # option lists
     if ! fio --name="$job" $common $opts >/tmp/$job.json 2>/tmp/$job.err; then
@@ -26,6 +34,8 @@ for job in "$@"; do
         echo "bench: $job failed"
         exit 1
     fi
+    after=$(irqs)
     echo "BENCH-RESULT $job $(tr -d '\n' </tmp/$job.json)"
+    echo "BENCH-IRQS $job $before $after"
 done
 echo "bench: done"
