@@ -690,6 +690,13 @@ def test_ring_check_reports_a_head_taken_twice_and_a_completion_not_in_flight(
     q.process()
     assert checked.violations == 3
     assert "avail slot 3 was read as head 2 but holds 1" in caplog.text
+    # Someone else writes a used entry the device published earlier.
+    ring.write_used_elem(0, 7, 7)
+    rec.result = 1
+    ring.publish(2)
+    q.process()
+    assert checked.violations == 4
+    assert "used slot 0 changed behind the device: (id 1, len 1) -> (id 7, len 7)" in caplog.text
     region.close()
 
 

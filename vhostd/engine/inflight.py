@@ -62,6 +62,7 @@ HEADER = struct.Struct("<QHHHH")
 ENTRY = struct.Struct("<B5xHQ")
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
+_USED = struct.Struct("<II")
 _COUNTER = struct.Struct("<Q")
 _VERSION_OFF = 8
 _USED_IDX_OFF = 14
@@ -132,7 +133,9 @@ class CheckedInflightQueue(InflightQueue):
     * a head completed that was not in flight (a device bug: the driver would see a
       used id it does not own);
     * an avail ring entry that changed between the take and the completion: the
-      device read it before the driver had written it.
+      device read it before the driver had written it;
+    * used ring entries or used index changed by someone else (only the device
+      writes them): compared at each completion with a copy of what it published.
     """
 
     def __init__(self, view: memoryview, queue_size: int, name: str) -> None:
@@ -141,11 +144,13 @@ class CheckedInflightQueue(InflightQueue):
         self.violations = 0
         self._ring: Callable[[], Any] = lambda: None  # the SplitVirtqueue (weakly)
         self._taken: list[tuple[int, int]] = []  # (avail slot, head) since the last publish
+        self._used_copy: bytes | None = None  # the used entries as last published
 
     def attach(self, ring: Any) -> None:
         self._ring = weakref.ref(ring)  # no cycle: the ring holds this queue
         self.name = ring.name
         self._taken = []
+        self._used_copy = None
 
     def _report(self, what: str, *args: object) -> None:
         self.violations += 1
@@ -179,7 +184,27 @@ class CheckedInflightQueue(InflightQueue):
                     self._report("avail slot %d was read as head %d but holds %d "
                                  "(read before the driver wrote it?)", slot, head, now)
         self._taken = []
+        used = ring.used if ring is not None else None
+        if used is not None and ring.size:
+            self._check_used(used, ring.size, len(heads), used_idx)
         super().completed(heads, used_idx)
+
+    def _check_used(self, used: memoryview, size: int, batch: int, used_idx: int) -> None:
+        idx = _U16.unpack_from(used, 2)[0]
+        if idx != used_idx:
+            self._report("used index is %d in guest memory, the device published %d",
+                         idx, used_idx)
+        now = bytes(used[4:4 + 8 * size])
+        old = self._used_copy
+        self._used_copy = now
+        if old is None or old == now:
+            return
+        fresh = {(used_idx - 1 - k) % size for k in range(min(batch, size))}
+        for slot in range(size):
+            a, b = old[8 * slot:8 * slot + 8], now[8 * slot:8 * slot + 8]
+            if a != b and slot not in fresh:
+                self._report("used slot %d changed behind the device: (id %d, len %d) -> "
+                             "(id %d, len %d)", slot, *_USED.unpack(a), *_USED.unpack(b))
 
 
 # Packed header (InflightPackedHeader): features u64, version u16, desc_num u16,
