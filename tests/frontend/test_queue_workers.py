@@ -430,6 +430,31 @@ def test_served_per_queue_counts_the_workers_requests(
     wait_for(lambda: "requests served per queue: vq0=7 vq1=18" in p.log, "the totals")
 
 
+def test_sigusr1_logs_every_ring_with_exact_positions(
+        start: Callable[..., Any], frontends: Callable[..., BlkFrontend]) -> None:
+    p = start()
+    one_worker(p)
+    fe = frontends(p.socket_path)
+    for i in range(7):
+        fe.write(8 * i, rand(BLOCK), q=0)
+    for i in range(13):
+        fe.read(8 * i, BLOCK, q=1)
+
+    def report(vq: int, n: int, where: str) -> str:
+        return (rf"state: blk0/vq{vq}: running, size \d+, next avail {n}, next used {n} "
+                rf"\(guest memory: avail.idx {n}, used.idx {n}\), served {n}{where}\n")
+
+    p.proc.send_signal(signal.SIGUSR1)
+    # vq1 is in the worker: its numbers come back with it for the report.
+    wait_for(lambda: re.search(report(1, 13, ", in worker1"), p.log) is not None, "vq1's line")
+    assert re.search(report(0, 7, ""), p.log), p.log
+    assert "state: a front end connected" in p.log
+    # The ring went back to the worker, and goes on from where it was.
+    fe.read(0, BLOCK, q=1)
+    p.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: re.search(report(1, 14, ", in worker1"), p.log) is not None, "vq1 again")
+
+
 # ---- QEMU's dirty log from a worker ---------------------------------------------------
 
 

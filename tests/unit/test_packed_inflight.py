@@ -263,6 +263,21 @@ PUBLISHED_AT = {"taken": False, "used-id-len": False, "used-flags": True, "posit
                 "flag-cleared": True}
 
 
+class FlagsCrash:
+    """The ring's 16-bit view, crashing right after the flags store of ``slot``."""
+
+    def __init__(self, view: Any, slot: int, why: str) -> None:
+        self.view, self.index, self.why = view, (16 * slot + 14) // 2, why
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self.view[index] = value
+        if index == self.index:
+            raise Crash(self.why)
+
+    def __getitem__(self, index: int) -> int:
+        return int(self.view[index])
+
+
 def arm(monkeypatch: pytest.MonkeyPatch, b: Backend, point: str, target: int) -> None:
     slot = HEAD_SLOT[target]
     q = b.q
@@ -276,13 +291,7 @@ def arm(monkeypatch: pytest.MonkeyPatch, b: Backend, point: str, target: int) ->
         monkeypatch.setattr(packed_mod, "_ID_LEN", StoreCrash(
             packed_mod._ID_LEN, lambda off, length, buf_id: buf_id == target))
     elif point == "used-flags":
-        real = packed_mod._u16_pack
-
-        def flags_store(buf: Any, off: int, value: int) -> None:
-            real(buf, off, value)
-            if buf is q.desc and off == 16 * slot + 14:
-                raise Crash("after the used flags")
-        monkeypatch.setattr(packed_mod, "_u16_pack", flags_store)
+        monkeypatch.setattr(q, "_desc16", FlagsCrash(q._desc16, slot, "after the used flags"))
     elif point == "position":
         monkeypatch.setattr(inflight_mod, "_P_POSITION", StoreCrash(
             inflight_mod._P_POSITION, lambda off, new, old, *_: old == slot))
@@ -374,15 +383,9 @@ def test_driver_reused_the_published_slot_before_the_restart(ring: PackedRing,
     first = Backend(ring, region_fd, serve(lambda buf_id: 100 + buf_id), base=1 << 15)
     ring.add(1, [(BUF, 1, 0)] * 3 + [(BUF + 0x10, 1, F_WRITE)])  # slots 0-3
     ring.add(2, [(BUF, 1, 0)] * 3 + [(BUF + 0x20, 1, F_WRITE)])  # slots 4-7
-    real = packed_mod._u16_pack
-
-    def flags_store(buf: Any, off: int, value: int) -> None:
-        real(buf, off, value)
-        if buf is first.q.desc and off == 14:
-            raise Crash("after the used flags of slot 0")
-
     with monkeypatch.context() as m:
-        m.setattr(packed_mod, "_u16_pack", flags_store)
+        m.setattr(first.q, "_desc16",
+                  FlagsCrash(first.q._desc16, 0, "after the used flags of slot 0"))
         with pytest.raises(Crash):
             first.q.process()
     first.die()

@@ -840,3 +840,60 @@ def test_inflight_recovery_ignores_impossible_heads_in_the_used_ring(
     assert not q.broken
     assert q.last_avail_idx == 1
     region.close()
+
+
+# ---- fields the driver reads while the device runs change with one store ----------
+
+# A driver on another CPU: spins on used.idx and avail_event through its own mapping
+# of guest RAM and counts the times it reads 0 (the device never writes 0 here).
+_SPINNER = """
+import mmap, os, sys
+fd, used_idx_off, avail_event_off, flag_off = map(int, sys.argv[1:])
+mm = mmap.mmap(fd, os.fstat(fd).st_size)
+words = memoryview(mm).cast("H")
+a, b, flag = used_idx_off // 2, avail_event_off // 2, flag_off // 2
+words[flag] = 1  # running
+zeros = reads = 0
+while words[flag] == 1:
+    for _ in range(1000):
+        zeros += (words[a] == 0) + (words[b] == 0)
+    reads += 2000
+print(zeros, reads)
+"""
+
+
+def test_driver_never_reads_a_half_written_used_idx_or_avail_event(ram: GuestRam) -> None:
+    """struct.pack_into clears a field before it writes it: a driver polling used.idx
+    in between would see 0 and take stale used entries (the guest then reports
+    "id N is not a head!"). The engine must store these fields in one move."""
+    import subprocess
+    import sys
+    import time
+
+    ring = Ring(ram, QS, 0x1000, 0x2000, 0x3000)
+    ring.desc(0, BUF, 16, F_WRITE)
+    ring.set_used_idx(1)
+    q = ring.queue(Recorder(result=1), event_idx=True, base=1)
+    ring.avail_idx = 1
+    region, off = ram._locate(ring.used_gpa, 8)
+    struct.pack_into("<H", region.mm, off + 4 + 8 * QS, 1)  # avail_event, before the spinner
+    flag_off = off + 0x800  # unused RAM after the used ring
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", _SPINNER, str(region.fd), str(off + 2), str(off + 4 + 8 * QS),
+         str(flag_off)], pass_fds=(region.fd,), stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while region.mm[flag_off] != 1:
+            assert spinner.poll() is None and time.monotonic() < deadline, "spinner not up"
+            time.sleep(0.001)
+        # 60000 requests: used.idx runs from 2 to 60001, avail_event likewise.
+        for _ in range(60000):
+            ring.publish(0)
+            q.process()
+        assert ring.used_idx == 60001
+    finally:
+        region.mm[flag_off] = 0
+        out, _ = spinner.communicate(timeout=10)
+    zeros, reads = map(int, out.split())
+    assert reads > 100_000, "the spinner hardly ran"
+    assert zeros == 0, f"the driver read 0 {zeros} times in {reads} reads"

@@ -444,7 +444,7 @@ class VhostUserBackend:
                 try:
                     q.resolve()
                 except RingError as e:
-                    q.desc = q.avail = q.used = None
+                    q.drop_views()
                     self.log.info("%s waits for its memory: %s", q.name, e)
                     continue
                 q.process()
@@ -601,6 +601,17 @@ class VhostUserBackend:
         after which the front end is told."""
         with self.rings_home():
             return self.device.refresh_capacity()
+
+    def state_report(self) -> list[str]:
+        """The device's rings as a person reads them (SIGUSR1). Rings served by a
+        worker come home for the moment, so their positions are exact."""
+        lines = [] if self.mode is MemberMode.RUNNING else [f"member {self.mode.value}"]
+        with self.rings_home():
+            for q in self.queues:
+                host = self.hosts[q.index]
+                where = f", in {host.name}" if host is not None else ""
+                lines.append(q.describe() + where)
+        return lines
 
     def config_changed(self) -> bool:
         """Tell the front end the config space changed (e.g. capacity)."""

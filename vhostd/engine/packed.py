@@ -39,7 +39,6 @@ PDESC = struct.Struct("<QIHH")  # addr, len, id, flags
 _pdesc_unpack = PDESC.unpack_from
 _U16 = struct.Struct("<H")
 _u16_unpack = _U16.unpack_from
-_u16_pack = _U16.pack_into
 _ID_LEN = struct.Struct("<IH")  # len at offset 8, id at offset 12
 
 VRING_PACKED_DESC_F_AVAIL = 1 << 7
@@ -63,6 +62,10 @@ class PackedVirtqueue(SplitVirtqueue):
     _chain_len: dict[int, int]
     inflight: PackedInflightQueue | None  # type: ignore[assignment]
     POSITION_FIELDS = (*SplitVirtqueue.POSITION_FIELDS, "avail_wrap", "used_wrap")
+
+    def position(self) -> str:
+        return (f"next avail slot {self.last_avail_idx} lap {self.avail_wrap}, "
+                f"next used slot {self.used_idx} lap {self.used_wrap}")
 
     def export_state(self) -> dict[str, object]:
         state = super().export_state()
@@ -120,7 +123,7 @@ class PackedVirtqueue(SplitVirtqueue):
                 return
         self._signalled_valid = False
         # Ask for every kick.
-        _u16_pack(self.used, 2, RING_EVENT_FLAGS_ENABLE)
+        self.used.cast("H")[1] = RING_EVENT_FLAGS_ENABLE  # type: ignore[union-attr]
         # The device area is where QEMU's log_guest_addr points for a packed ring.
         self._mark_used(2, 2)
 
@@ -133,8 +136,9 @@ class PackedVirtqueue(SplitVirtqueue):
             self.desc = self.memory.gpa(self.desc_addr, 16 * self.size)
             self.avail = self.memory.gpa(self.avail_addr, EVENT_SUPPRESS_SIZE)
             self.used = self.memory.gpa(self.used_addr, EVENT_SUPPRESS_SIZE)
+            self._desc16 = self.desc.cast("H")  # flags publish a used descriptor: one store
         except GuestMemoryError as e:
-            self.desc = self.avail = self.used = None
+            self.drop_views()
             raise RingError(f"{self.name}: ring not in guest memory: {e}") from e
 
     def unconfigure(self) -> None:
@@ -267,7 +271,7 @@ class PackedVirtqueue(SplitVirtqueue):
         _ID_LEN.pack_into(desc, off + 8, length, buf_id)
         flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if wrap else 0
         # id and len before flags: x86 keeps the stores in this order.
-        _u16_pack(desc, off + 14, flags)
+        self._desc16[(off + 14) >> 1] = flags  # type: ignore[index]
         if self.dirty_log is not None or self.tracker is not None:
             self._mark_ring(off, 16)
         pos = slot + count

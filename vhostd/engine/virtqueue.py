@@ -41,7 +41,6 @@ USED_ELEM = struct.Struct("<II")
 U16 = struct.Struct("<H")
 _desc_unpack = DESC.unpack_from
 _u16_unpack = U16.unpack_from
-_u16_pack = U16.pack_into
 _used_pack = USED_ELEM.pack_into
 
 VHOST_VRING_F_LOG_MASK = 1 << VHOST_VRING_F_LOG
@@ -110,6 +109,11 @@ class SplitVirtqueue:
         self.desc: memoryview | None = None
         self.avail: memoryview | None = None
         self.used: memoryview | None = None
+        # The used ring as 16-bit words: fields the driver reads while the device runs
+        # (used.idx, avail_event) must change with one store. struct.pack_into zeroes
+        # a field before writing it, so a driver could read 0 in between.
+        self._used16: memoryview | None = None
+        self._desc16: memoryview | None = None  # a packed ring's, for the same reason
         self._used_event_off = 0
         self._avail_event_off = 0
         self._batch: list[int] = []  # heads whose used entries are not yet published
@@ -196,7 +200,7 @@ class SplitVirtqueue:
         self._qva = None
         self._have_gpa = False
         self.desc_addr = self.avail_addr = self.used_addr = 0
-        self.desc = self.avail = self.used = None
+        self.drop_views()
         self.last_avail_idx = self.used_idx = 0
         self.vector = 0
 
@@ -250,8 +254,9 @@ class SplitVirtqueue:
             self.desc = self.memory.gpa(self.desc_addr, desc_table_size(n))
             self.avail = self.memory.gpa(self.avail_addr, avail_ring_size(n))
             self.used = self.memory.gpa(self.used_addr, used_ring_size(n))
+            self._used16 = self.used.cast("H")
         except GuestMemoryError as e:
-            self.desc = self.avail = self.used = None
+            self.drop_views()
             raise RingError(f"{self.name}: ring not in guest memory: {e}") from e
         self._used_event_off = 4 + 2 * n
         self._avail_event_off = 4 + 8 * n
@@ -266,7 +271,7 @@ class SplitVirtqueue:
             self._publish()
         self.started = False
         self._resubmit = []
-        self.desc = self.avail = self.used = None
+        self.drop_views()
         return self.base()
 
     def base(self) -> int:
@@ -279,8 +284,12 @@ class SplitVirtqueue:
             self._publish()
         self.suspended = True
 
+    def drop_views(self) -> None:
+        """Forget the ring's views of guest memory (they pin its mappings)."""
+        self.desc = self.avail = self.used = self._used16 = self._desc16 = None
+
     def detach_memory(self) -> None:
-        self.desc = self.avail = self.used = None
+        self.drop_views()
         self.memory = None
 
     def fail(self, why: str) -> None:
@@ -294,6 +303,21 @@ class SplitVirtqueue:
     def ready(self) -> bool:
         return (self.started and self.enabled and not self.broken and not self.suspended
                 and self.avail is not None)
+
+    def describe(self) -> str:
+        """One line of state for a person (SIGUSR1)."""
+        state = ("broken" if self.broken else "suspended" if self.suspended
+                 else "running" if self.ready else "started" if self.started
+                 else "stopped")
+        return (f"{self.name}: {state}, size {self.size}, {self.position()}, "
+                f"served {self.requests}")
+
+    def position(self) -> str:
+        line = f"next avail {self.last_avail_idx}, next used {self.used_idx}"
+        if self.avail is not None and self.used is not None:
+            line += (f" (guest memory: avail.idx {_u16_unpack(self.avail, 2)[0]}, "
+                     f"used.idx {_u16_unpack(self.used, 2)[0]})")
+        return line
 
     # ---- data path ---------------------------------------------------------
     def process(self) -> None:
@@ -338,7 +362,7 @@ class SplitVirtqueue:
                     return
                 # Ask for a kick at the next entry, then look once more: the driver
                 # may have added one before it could see the new avail_event.
-                _u16_pack(self.used, self._avail_event_off, self.last_avail_idx)
+                self._used16[self._avail_event_off >> 1] = self.last_avail_idx  # type: ignore[index]
                 if self.dirty_log is not None or self.tracker is not None:
                     self._mark_used(self._avail_event_off, 2)
                 full_barrier()
@@ -466,7 +490,7 @@ class SplitVirtqueue:
         old = (self.used_idx - len(batch)) & 0xFFFF
         new = self.used_idx
         # x86-64 keeps stores in order, so the used entries are visible before idx.
-        _u16_pack(self.used, 2, new)
+        self._used16[1] = new  # type: ignore[index]
         if self.dirty_log is not None or self.tracker is not None:
             # Entries, idx and avail_event all live in the used ring.
             self._mark_used(0, used_ring_size(self.size))

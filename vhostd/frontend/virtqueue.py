@@ -30,7 +30,6 @@ _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")  # id, len
 _DESC_PACK = _DESC.pack_into
-_U16_PACK = _U16.pack_into
 _U16_UNPACK = _U16.unpack_from
 _USED_UNPACK = _USED_ELEM.unpack_from
 
@@ -73,6 +72,9 @@ class SplitVirtqueue:
         self.used_gpa = mem.alloc(used_ring_size(size), 4)
         self._desc = mem.view(self.desc_gpa, desc_table_size(size))
         self._avail = mem.view(self.avail_gpa, avail_ring_size(size))
+        # One store per field: struct.pack_into zeroes a field before writing it,
+        # and the device may read it in between.
+        self._avail16 = self._avail.cast("H")
         self._used = mem.view(self.used_gpa, used_ring_size(size))
         self._used_event_off = 4 + 2 * size  # in the avail ring
         self._avail_event_off = 4 + 8 * size  # in the used ring
@@ -97,6 +99,7 @@ class SplitVirtqueue:
         self.mem = mem
         self._desc = mem.view(self.desc_gpa, desc_table_size(self.size))
         self._avail = mem.view(self.avail_gpa, avail_ring_size(self.size))
+        self._avail16 = self._avail.cast("H")
         self._used = mem.view(self.used_gpa, used_ring_size(self.size))
         if self._indirect is not None:
             self._indirect = mem.view(self.indirect_gpa, len(self._indirect))
@@ -189,13 +192,13 @@ class SplitVirtqueue:
             self.free_head = i
             self._chain_len[head] = n
             self.num_free -= n
-        _U16_PACK(self._avail, 4 + 2 * (self.avail_idx & self.mask), head)
+        self._avail16[2 + (self.avail_idx & self.mask)] = head
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         return head
 
     def publish(self) -> None:
         """Make added entries visible: store avail.idx (after the ring entries, TSO-ordered)."""
-        _U16_PACK(self._avail, 2, self.avail_idx)
+        self._avail16[1] = self.avail_idx
         self.published_idx = self.avail_idx
 
     def kick(self, force: bool = False) -> bool:
@@ -250,7 +253,7 @@ class SplitVirtqueue:
         if self.event_idx:
             # Ask for a notification when the next entry is used; the barrier orders that
             # store before the caller's next used.idx check.
-            _U16_PACK(self._avail, self._used_event_off, last)
+            self._avail16[self._used_event_off >> 1] = last
             memory_barrier()
         return out
 
@@ -289,25 +292,25 @@ class SplitVirtqueue:
 
     def raw_put_avail(self, head: int, publish: bool = True) -> None:
         """Append ``head`` to the avail ring without touching the free list."""
-        _U16_PACK(self._avail, 4 + 2 * (self.avail_idx & self.mask), head & 0xFFFF)
+        self._avail16[2 + (self.avail_idx & self.mask)] = head & 0xFFFF
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         if publish:
             self.publish()
 
     def raw_set_avail_ring(self, slot: int, head: int) -> None:
-        _U16_PACK(self._avail, 4 + 2 * (slot & self.mask), head & 0xFFFF)
+        self._avail16[2 + (slot & self.mask)] = head & 0xFFFF
 
     def raw_set_avail_idx(self, idx: int) -> None:
         """Store an arbitrary avail.idx (also moves the shadow index)."""
         idx &= 0xFFFF
-        _U16_PACK(self._avail, 2, idx)
+        self._avail16[1] = idx
         self.avail_idx = self.published_idx = idx
 
     def raw_set_avail_flags(self, flags: int) -> None:
-        _U16_PACK(self._avail, 0, flags)
+        self._avail16[0] = flags
 
     def raw_set_used_event(self, idx: int) -> None:
-        _U16_PACK(self._avail, self._used_event_off, idx & 0xFFFF)
+        self._avail16[self._used_event_off >> 1] = idx & 0xFFFF
 
     def used_idx(self) -> int:
         return _U16_UNPACK(self._used, 2)[0]

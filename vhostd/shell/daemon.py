@@ -1,4 +1,5 @@
-"""Run devices on an event loop until SIGTERM/SIGINT; SIGHUP re-reads disk sizes."""
+"""Run devices on an event loop until SIGTERM/SIGINT; SIGHUP re-reads disk sizes;
+SIGUSR1 logs the state of every ring."""
 
 from __future__ import annotations
 
@@ -48,11 +49,22 @@ class Daemon:
             if changed and server.connection is not None:
                 server.backend.config_changed()
 
+    def report_state(self) -> None:
+        """SIGUSR1: every device's rings, one log line each."""
+        for server in self.servers:
+            front = "a front end connected" if server.connection is not None else "no front end"
+            server.log.info("state: %s", front)
+            for line in server.backend.state_report():
+                server.log.info("state: %s", line)
+        for worker in self.workers:
+            log.info("state: queue worker %s pid %d", worker.name, worker.pid)
+
     async def run(self) -> None:
         loop = self.loop
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.refresh_capacity)
+        loop.add_signal_handler(signal.SIGUSR1, self.report_state)
         for server in self.servers:
             server.log.info("listening on %s", server.path or f"fd {server.sock.fileno()}")
         try:
