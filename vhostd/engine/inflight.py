@@ -80,6 +80,9 @@ class InflightQueue:
 
     def __init__(self, view: memoryview, queue_size: int) -> None:
         self.view = view
+        # used_idx changes with one store: pack_into clears a field before writing
+        # it, and a crash in between would leave 0 for the next back end.
+        self._words = view.cast("H")
         self.queue_size = queue_size
         self.counter = 0
 
@@ -107,7 +110,7 @@ class InflightQueue:
         view = self.view
         for head in heads:
             _U8.pack_into(view, 16 + 16 * head, 0)
-        _U16.pack_into(view, _USED_IDX_OFF, used_idx)
+        self._words[_USED_IDX_OFF >> 1] = used_idx
 
     # Recovery clears what the used ring says was published, flagged or not.
     settle = completed
@@ -352,6 +355,8 @@ class InflightRegion:
     def close(self) -> None:
         os.close(self.fd)
         for q in self.queues:
+            if isinstance(q, InflightQueue):
+                q._words.release()
             q.view.release()
         try:
             self.mm.close()
