@@ -259,6 +259,10 @@ class VhostUserBackend:
             # Totals since the daemon started (across front ends), per queue.
             self.log.info("requests served per queue: %s",
                           " ".join(f"vq{i}={n}" for i, n in enumerate(served)))
+            # Guest notifications (kick eventfd writes) per queue; with EVENT_IDX the
+            # driver kicks only when the device asked for it.
+            self.log.info("kicks per queue: %s",
+                          " ".join(f"vq{i}={q.kicks}" for i, q in enumerate(self.queues)))
         for q in self.queues:
             if q.started:
                 q.stop()
@@ -539,7 +543,7 @@ class VhostUserBackend:
 
     def _kicked(self, q: SplitVirtqueue, fd: int) -> None:
         try:
-            os.eventfd_read(fd)
+            q.kicks += os.eventfd_read(fd)
         except BlockingIOError:
             pass
         except OSError as e:

@@ -154,7 +154,7 @@ class RingWork:
         fd = self.kick_fd
         assert fd is not None
         try:
-            os.eventfd_read(fd)
+            self.q.kicks += os.eventfd_read(fd)
         except BlockingIOError:
             pass
         except OSError as e:

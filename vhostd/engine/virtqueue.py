@@ -123,6 +123,7 @@ class SplitVirtqueue:
         self.tracker: WriteTracker | None = None  # set while the owner tracks writes
         self._pending_writes: dict[int, list[tuple[int, int]]] = {}
         self.requests = 0  # statistics: chains completed
+        self.kicks = 0  # statistics: driver notifications read from the kick eventfd
         self._resubmit: list[int] = []
 
     # ---- moving between processes (queue workers) ----------------------------
@@ -131,7 +132,7 @@ class SplitVirtqueue:
     CONFIG_FIELDS = ("index", "size", "desc_addr", "avail_addr", "used_addr", "log_addr",
                      "addr_flags", "event_idx", "indirect", "enabled", "max_size", "name")
     POSITION_FIELDS = ("last_avail_idx", "used_idx", "_signalled_used", "_signalled_valid",
-                       "requests", "_resubmit", "broken")
+                       "requests", "kicks", "_resubmit", "broken")
 
     def export_state(self) -> dict[str, object]:
         """Configuration and position of a resolved ring at rest."""
@@ -310,7 +311,7 @@ class SplitVirtqueue:
                  else "running" if self.ready else "started" if self.started
                  else "stopped")
         return (f"{self.name}: {state}, size {self.size}, {self.position()}, "
-                f"served {self.requests}")
+                f"served {self.requests}, kicks {self.kicks}")
 
     def position(self) -> str:
         line = f"next avail {self.last_avail_idx}, next used {self.used_idx}"
