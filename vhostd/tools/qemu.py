@@ -58,8 +58,7 @@ DEFAULT_MEMORY = "512M"
 # state, so a page written after a non-final sync is never sent again; the per-page
 # path an unaligned size takes does reset it. (Seen without any vhost-user device too;
 # fixed in later QEMU.) docs/architecture.md, "Migration and restart". Only migrating
-# guests use it: with it, long benchmark runs showed a rare used-ring error
-# (docs/performance.md, "Open problem") not seen at 512 MiB.
+# guests need it; the others keep the round size.
 MIGRATION_MEMORY = "524280K"
 
 
