@@ -30,7 +30,8 @@ from .dirtytrack import WriteTracker
 from .inflight import InflightRegion
 from .memory import GuestMemory, close_fds
 from .packed import set_layout
-from .virtqueue import SplitVirtqueue
+from .timer import OneShotTimer
+from .virtqueue import KICK_AHEAD_WAIT_US, SplitVirtqueue
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +145,19 @@ class RingWork:
         q.handler = self.device.make_handler(q)
         self.q = q
         self.kick_fd = q.kick_fd
+        self.timer: OneShotTimer | None = None
         if self.kick_fd is not None:
             os.set_blocking(self.kick_fd, False)
             # Kicks that came while the ring was in transit are still counted in the
             # eventfd, so the loop sees them at once.
             watcher.add_reader(self.kick_fd, self._kicked)
+            try:
+                self.timer = OneShotTimer(watcher, q.process, KICK_AHEAD_WAIT_US)
+                q.defer = self.timer.arm
+            except OSError:
+                pass  # no kick batching: a kick for every request
+            # With kick batching the driver may have added chains without a kick.
+            q.process()
 
     def _kicked(self) -> None:
         fd = self.kick_fd
@@ -166,6 +175,10 @@ class RingWork:
     def recall(self) -> Spec:
         """Stop serving: publish what is complete and describe the ring at rest."""
         q = self.q
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
+            q.defer = None
         if self.kick_fd is not None:
             self.watcher.remove_reader(self.kick_fd)
         if q.started and not q.broken:

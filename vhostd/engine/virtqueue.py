@@ -45,6 +45,16 @@ _used_pack = USED_ELEM.pack_into
 
 VHOST_VRING_F_LOG_MASK = 1 << VHOST_VRING_F_LOG
 
+# Kick batching (EVENT_IDX): after a drain of n chains, avail_event is set up to
+# n/2 (at most KICK_AHEAD_MAX) entries past the device's position, so a driver that
+# keeps its queue full kicks once per several requests, and the device publishes
+# (and interrupts) once per bigger batch. Under TCG kicks and interrupts cost the
+# guest far more than serving costs vhostd (docs/performance.md). A fallback timer
+# (``defer``, KICK_AHEAD_WAIT_US) looks at the ring anyway, so entries the driver
+# adds without crossing avail_event wait at most that long.
+KICK_AHEAD_MAX = 16
+KICK_AHEAD_WAIT_US = 100
+
 # Handler result meaning "completion will be pushed later by the device" (the hook
 # for asynchronous I/O; every current device completes inline, and stop() would
 # have to wait for such requests once one does not).
@@ -123,6 +133,9 @@ class SplitVirtqueue:
         self.tracker: WriteTracker | None = None  # set while the owner tracks writes
         self._pending_writes: dict[int, list[tuple[int, int]]] = {}
         self.requests = 0  # statistics: chains completed
+        # Arms a short timer that calls process(): set while this process serves the
+        # ring with its kick eventfd; it lets avail_event run ahead (kick batching).
+        self.defer: Callable[[], None] | None = None
         self.kicks = 0  # statistics: driver notifications read from the kick eventfd
         self._resubmit: list[int] = []
 
@@ -355,21 +368,29 @@ class SplitVirtqueue:
         walk = self._walk
         inflight = self.inflight
         push = self.push_used
+        served = 0
         while True:
             avail_idx = _u16_unpack(avail, 2)[0]
             pending = (avail_idx - self.last_avail_idx) & 0xFFFF
             if pending == 0:
                 if not self.event_idx:
                     return
-                # Ask for a kick at the next entry, then look once more: the driver
-                # may have added one before it could see the new avail_event.
-                self._used16[self._avail_event_off >> 1] = self.last_avail_idx  # type: ignore[index]
+                # Ask for a kick at the next entry (or a few later: kick batching),
+                # then look once more: the driver may have added one before it could
+                # see the new avail_event.
+                defer = self.defer
+                ahead = min(served >> 1, KICK_AHEAD_MAX) if defer is not None else 0
+                self._used16[self._avail_event_off >> 1] = (  # type: ignore[index]
+                    self.last_avail_idx + ahead) & 0xFFFF
                 if self.dirty_log is not None or self.tracker is not None:
                     self._mark_used(self._avail_event_off, 2)
                 full_barrier()
                 if _u16_unpack(avail, 2)[0] == self.last_avail_idx:
+                    if ahead:
+                        defer()  # type: ignore[misc]
                     return
                 continue
+            served += pending
             if pending > num:
                 raise RingError(f"avail index jumped from {self.last_avail_idx} to {avail_idx} "
                                 f"on a queue of {num}")
