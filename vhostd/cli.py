@@ -20,11 +20,22 @@ from .devices.blk import BlkDevice, BlkOptions
 from .devices.owner import OwnerDevice
 from .engine.backend import VhostUserBackend
 from .engine.inflight import CHECK_ENV
+from .engine.virtqueue import KICK_WAIT_DEFAULT_US, KICK_WAIT_ENV
 from .shell.daemon import Daemon, Endpoint
 from .shell.server import StartupError, adopt_listening_fd, bind_unix
 from .shell.worker import WorkerProcess
 
 CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0 or value > 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1000000")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -143,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stderr log level (default info)")
     p.add_argument("--event-loop", default="uvloop", choices=["uvloop", "asyncio"],
                    help="event loop implementation (default uvloop)")
+    p.add_argument("--kick-batch-wait", type=_nonnegative, default=None, metavar="US",
+                   help="kick batching (EVENT_IDX): the driver may add up to half the "
+                        "last batch before it kicks, and the device looks at the ring "
+                        "after this many microseconds anyway (default "
+                        f"{KICK_WAIT_DEFAULT_US}; 0: a kick for every request)")
     p.add_argument("--check-rings", action="store_true",
                    help="debugging: check every split-ring take and completion against "
                         "the inflight flags and log impossible ones (slower)")
@@ -280,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     if args.check_rings:
         os.environ[CHECK_ENV] = "1"  # queue workers inherit it
+    if args.kick_batch_wait is not None:
+        os.environ[KICK_WAIT_ENV] = str(args.kick_batch_wait)
     try:
         loop = _new_loop(args.event_loop)
         endpoints = _make_endpoints(args, loop)

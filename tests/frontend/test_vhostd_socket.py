@@ -835,3 +835,45 @@ def test_get_vring_base_and_restart(start: Callable[..., Vhostd],
     fe.write(910, blob, q=1)
     assert fe.read(910, 4096) == blob
     assert fe.stop() == [5, 5]
+
+
+# -- kick batching --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_kick_batching_skips_kicks_and_the_timer_serves_the_rest(
+        start: Callable[..., Vhostd], frontend: Callable[..., BlkFrontend],
+        batching: bool) -> None:
+    """After a batch of 8 the device asks for a kick only at the 5th new request (half
+    the batch ahead), and a request added without a kick completes through the
+    fallback timer. With --kick-batch-wait=0 every request wants its kick."""
+    # A long fallback (200 ms) keeps the timer out of the way until the test wants it.
+    d = start("--kick-batch-wait=200000" if batching else "--kick-batch-wait=0")
+    fe = frontend(d)
+    assert fe.has_feature(29)  # VIRTIO_RING_F_EVENT_IDX
+    blobs = [rand(4096) for _ in range(8)]
+    for i, blob in enumerate(blobs):
+        fe.submit_write(0, 8 * i, blob)
+    got = collect(fe, [0])
+    assert all(status == S_OK for status, _, _ in got.values())
+
+    def reads(n: int, wait_each: bool) -> list[bool]:
+        kicked, tokens = [], []
+        for i in range(n):
+            tokens.append(fe.submit_read(0, 8 * i, 4096))
+            kicked.append(fe.kick(0))
+            if wait_each:
+                assert fe.wait(0, tokens[-1], timeout=2.0)[1] == S_OK
+        if not wait_each:
+            for t in tokens:
+                assert fe.wait(0, t, timeout=2.0)[1] == S_OK
+        return kicked
+
+    if batching:
+        assert reads(5, wait_each=False) == [False] * 4 + [True]
+        # 5 served: avail_event 2 ahead. One more request, no kick due: the timer.
+        began = time.monotonic()
+        assert reads(1, wait_each=False) == [False]
+        assert time.monotonic() - began >= 0.15, "served before the fallback was due"
+    else:
+        assert reads(6, wait_each=True) == [True] * 6

@@ -32,7 +32,7 @@ from .parts import VHOST_ONLY_FEATURES, Part, PartsError, StagedParts
 from .parts import check as check_parts
 from .parts import collect as collect_parts
 from .timer import OneShotTimer
-from .virtqueue import KICK_AHEAD_WAIT_US, Handler, RingError, SplitVirtqueue
+from .virtqueue import Handler, RingError, SplitVirtqueue, kick_wait_us
 
 log = logging.getLogger(__name__)
 
@@ -545,13 +545,15 @@ class VhostUserBackend:
             self._watching[q.index] = want
             # Kick batching needs a fallback look at the ring; only the process that
             # serves the ring may take it.
+            wait = kick_wait_us()
             try:
-                timer = OneShotTimer(self.watcher, q.process, KICK_AHEAD_WAIT_US)
+                timer = OneShotTimer(self.watcher, q.process, wait) if wait else None
             except OSError as e:
                 self.log.warning("%s: no timer (%s); a kick for every request", q.name, e)
             else:
-                self._timers[q.index] = timer
-                q.defer = timer.arm
+                if timer is not None:
+                    self._timers[q.index] = timer
+                    q.defer = timer.arm
 
     def _drop_timer(self, q: SplitVirtqueue) -> None:
         timer = self._timers.pop(q.index, None)

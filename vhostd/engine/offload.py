@@ -31,7 +31,7 @@ from .inflight import InflightRegion
 from .memory import GuestMemory, close_fds
 from .packed import set_layout
 from .timer import OneShotTimer
-from .virtqueue import KICK_AHEAD_WAIT_US, SplitVirtqueue
+from .virtqueue import SplitVirtqueue, kick_wait_us
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +151,11 @@ class RingWork:
             # Kicks that came while the ring was in transit are still counted in the
             # eventfd, so the loop sees them at once.
             watcher.add_reader(self.kick_fd, self._kicked)
+            wait = kick_wait_us()
             try:
-                self.timer = OneShotTimer(watcher, q.process, KICK_AHEAD_WAIT_US)
-                q.defer = self.timer.arm
+                if wait:
+                    self.timer = OneShotTimer(watcher, q.process, wait)
+                    q.defer = self.timer.arm
             except OSError:
                 pass  # no kick batching: a kick for every request
             # With kick batching the driver may have added chains without a kick.

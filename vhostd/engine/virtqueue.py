@@ -50,10 +50,20 @@ VHOST_VRING_F_LOG_MASK = 1 << VHOST_VRING_F_LOG
 # keeps its queue full kicks once per several requests, and the device publishes
 # (and interrupts) once per bigger batch. Under TCG kicks and interrupts cost the
 # guest far more than serving costs vhostd (docs/performance.md). A fallback timer
-# (``defer``, KICK_AHEAD_WAIT_US) looks at the ring anyway, so entries the driver
-# adds without crossing avail_event wait at most that long.
+# (``defer``, kick_wait_us()) looks at the ring anyway, so entries the driver adds
+# without crossing avail_event wait at most that long.
 KICK_AHEAD_MAX = 16
-KICK_AHEAD_WAIT_US = 100
+# ``vhostd --kick-batch-wait=US`` (0: no batching); the variable reaches queue workers.
+KICK_WAIT_ENV = "VHOSTD_KICK_BATCH_WAIT_US"
+KICK_WAIT_DEFAULT_US = 100
+
+
+def kick_wait_us() -> int:
+    """The fallback wait of kick batching in microseconds; 0 turns batching off."""
+    try:
+        return max(0, int(os.environ.get(KICK_WAIT_ENV, KICK_WAIT_DEFAULT_US)))
+    except ValueError:
+        return KICK_WAIT_DEFAULT_US
 
 # Handler result meaning "completion will be pushed later by the device" (the hook
 # for asynchronous I/O; every current device completes inline, and stop() would
