@@ -31,15 +31,10 @@ from .packed import PackedVirtqueue, set_layout
 from .parts import VHOST_ONLY_FEATURES, Part, PartsError, StagedParts
 from .parts import check as check_parts
 from .parts import collect as collect_parts
-from .timer import OneShotTimer
-from .virtqueue import Handler, RingError, SplitVirtqueue, kick_wait_us
+from .timer import FdWatcher
+from .virtqueue import Handler, RingError, SplitVirtqueue
 
 log = logging.getLogger(__name__)
-
-
-class FdWatcher(Protocol):
-    def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> Any: ...
-    def remove_reader(self, fd: int) -> Any: ...
 
 
 class VirtioDevice(Protocol):
@@ -148,7 +143,6 @@ class VhostUserBackend:
         self._away: dict[int, RingHost] = {}
         self._home_depth = 0
         self._watching: dict[int, int] = {}  # queue index -> kick fd watched here
-        self._timers: dict[int, OneShotTimer] = {}  # with each watched kick fd
 
     # ---- queue workers -------------------------------------------------------
     def set_hosts(self, hosts: list[RingHost | None]) -> None:
@@ -539,27 +533,16 @@ class VhostUserBackend:
         if watched is not None:
             self.watcher.remove_reader(watched)
             del self._watching[q.index]
-            self._drop_timer(q)
+            q.stop_batching()
         if want is not None:
             self.watcher.add_reader(want, self._kicked, q, want)
             self._watching[q.index] = want
-            # Kick batching needs a fallback look at the ring; only the process that
-            # serves the ring may take it.
-            wait = kick_wait_us()
+            # Kick batching's fallback look at the ring: only the process that serves
+            # the ring may take it.
             try:
-                timer = OneShotTimer(self.watcher, q.process, wait) if wait else None
+                q.start_batching(self.watcher)
             except OSError as e:
                 self.log.warning("%s: no timer (%s); a kick for every request", q.name, e)
-            else:
-                if timer is not None:
-                    self._timers[q.index] = timer
-                    q.defer = timer.arm
-
-    def _drop_timer(self, q: SplitVirtqueue) -> None:
-        timer = self._timers.pop(q.index, None)
-        if timer is not None:
-            timer.close()
-        q.defer = None
 
     def _kicked(self, q: SplitVirtqueue, fd: int) -> None:
         try:
@@ -571,7 +554,7 @@ class VhostUserBackend:
             # would spin on it.
             self.watcher.remove_reader(fd)
             self._watching.pop(q.index, None)
-            self._drop_timer(q)
+            q.stop_batching()
             q.fail(f"cannot read the kick eventfd: {e.strerror}")
             return
         q.process()

@@ -30,8 +30,8 @@ from .dirtytrack import WriteTracker
 from .inflight import InflightRegion
 from .memory import GuestMemory, close_fds
 from .packed import set_layout
-from .timer import OneShotTimer
-from .virtqueue import SplitVirtqueue, kick_wait_us
+from .timer import FdWatcher
+from .virtqueue import SplitVirtqueue
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,6 @@ def ring_spec(q: SplitVirtqueue, memory: GuestMemory, device: Any,
     return spec, fds
 
 
-class FdWatcher(Protocol):
-    def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> Any: ...
-    def remove_reader(self, fd: int) -> Any: ...
-
-
 class RingWork:
     """A ring served in this (worker) process. Adopts every fd in ``fds``."""
 
@@ -145,17 +140,13 @@ class RingWork:
         q.handler = self.device.make_handler(q)
         self.q = q
         self.kick_fd = q.kick_fd
-        self.timer: OneShotTimer | None = None
         if self.kick_fd is not None:
             os.set_blocking(self.kick_fd, False)
             # Kicks that came while the ring was in transit are still counted in the
             # eventfd, so the loop sees them at once.
             watcher.add_reader(self.kick_fd, self._kicked)
-            wait = kick_wait_us()
             try:
-                if wait:
-                    self.timer = OneShotTimer(watcher, q.process, wait)
-                    q.defer = self.timer.arm
+                q.start_batching(watcher)
             except OSError:
                 pass  # no kick batching: a kick for every request
             # With kick batching the driver may have added chains without a kick.
@@ -177,10 +168,7 @@ class RingWork:
     def recall(self) -> Spec:
         """Stop serving: publish what is complete and describe the ring at rest."""
         q = self.q
-        if self.timer is not None:
-            self.timer.close()
-            self.timer = None
-            q.defer = None
+        q.stop_batching()
         if self.kick_fd is not None:
             self.watcher.remove_reader(self.kick_fd)
         if q.started and not q.broken:

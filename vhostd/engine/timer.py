@@ -3,7 +3,7 @@
 The event loop's own timers (uvloop) have millisecond resolution; a ring that lets
 the driver batch its kicks (virtqueue.py, "kick batching") needs a fallback look at
 the ring within about a hundred microseconds. Linux's timerfd gives that, and as an
-fd it fits the back end's FdWatcher; Python 3.11 has no os.timerfd_*, hence ctypes.
+fd it fits the engine's FdWatcher (below); Python 3.11 has no os.timerfd_*, hence ctypes.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ _timerfd_settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Itimers
 _timerfd_settime.restype = ctypes.c_int
 
 
-class Watcher(Protocol):
+class FdWatcher(Protocol):
+    """The part of an event loop the engine uses: watch fds for reading."""
+
     def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> Any: ...
     def remove_reader(self, fd: int) -> Any: ...
 
@@ -45,7 +47,7 @@ class OneShotTimer:
     """Calls ``callback`` once, ``delay_us`` microseconds after the latest :meth:`arm`
     (arming again moves the deadline)."""
 
-    def __init__(self, watcher: Watcher, callback: Callable[[], None], delay_us: int) -> None:
+    def __init__(self, watcher: FdWatcher, callback: Callable[[], None], delay_us: int) -> None:
         fd = _timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
         if fd < 0:
             err = ctypes.get_errno()

@@ -32,6 +32,7 @@ from .dirtylog import DirtyLog
 from .dirtytrack import WriteTracker
 from .inflight import InflightQueue
 from .memory import GuestMemory, GuestMemoryError
+from .timer import FdWatcher, OneShotTimer
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ class SplitVirtqueue:
         # Arms a short timer that calls process(): set while this process serves the
         # ring with its kick eventfd; it lets avail_event run ahead (kick batching).
         self.defer: Callable[[], None] | None = None
+        self._timer: OneShotTimer | None = None
         self.kicks = 0  # statistics: driver notifications read from the kick eventfd
         self._resubmit: list[int] = []
 
@@ -307,6 +309,22 @@ class SplitVirtqueue:
         if self.started and not self.broken:
             self._publish()
         self.suspended = True
+
+    def start_batching(self, watcher: FdWatcher) -> None:
+        """Kick batching, served by this process: the fallback timer on ``watcher``
+        (none with ``--kick-batch-wait=0``). OSError: no timerfd."""
+        self.stop_batching()
+        wait = kick_wait_us()
+        if wait:
+            self._timer = OneShotTimer(watcher, self.process, wait)
+            self.defer = self._timer.arm
+
+    def stop_batching(self) -> None:
+        """This process stops serving the ring: a kick for every request, no timer."""
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+        self.defer = None
 
     def drop_views(self) -> None:
         """Forget the ring's views of guest memory (they pin its mappings)."""
