@@ -28,21 +28,22 @@ from .shell.worker import WorkerProcess
 CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
 
 
-def _nonnegative(text: str) -> int:
+def _number(text: str) -> int:
     try:
-        value = int(text, 0)
+        return int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0 or value > 1_000_000:
+
+
+def _wait_us(text: str) -> int:
+    value = _number(text)
+    if not 0 <= value <= 1_000_000:
         raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1000000")
     return value
 
 
 def _positive(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not positive")
     return value
@@ -154,14 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stderr log level (default info)")
     p.add_argument("--event-loop", default="uvloop", choices=["uvloop", "asyncio"],
                    help="event loop implementation (default uvloop)")
-    p.add_argument("--kick-batch-wait", type=_nonnegative, default=None, metavar="US",
+    p.add_argument("--kick-batch-wait", type=_wait_us, default=None, metavar="US",
                    help="kick batching (EVENT_IDX): the driver may add up to half the "
                         "last batch before it kicks, and the device looks at the ring "
                         "after this many microseconds anyway (default "
                         f"{KICK_WAIT_DEFAULT_US}; 0: a kick for every request)")
     p.add_argument("--check-rings", action="store_true",
                    help="debugging: check every split-ring take and completion against "
-                        "the inflight flags and log impossible ones (slower)")
+                        "the inflight flags and the rings, and log impossible ones (slower)")
     return p
 
 

@@ -115,6 +115,10 @@ class InflightQueue:
     # Recovery clears what the used ring says was published, flagged or not.
     settle = completed
 
+    def release(self) -> None:
+        self._words.release()
+        self.view.release()
+
     def pending_heads(self) -> list[int]:
         """Heads still flagged, oldest first."""
         found = []
@@ -234,6 +238,9 @@ class PackedInflightQueue:
         self.view = view
         self.queue_size = queue_size
         self.counter = 0
+
+    def release(self) -> None:
+        self.view.release()
 
     @property
     def valid(self) -> bool:
@@ -355,9 +362,7 @@ class InflightRegion:
     def close(self) -> None:
         os.close(self.fd)
         for q in self.queues:
-            if isinstance(q, InflightQueue):
-                q._words.release()
-            q.view.release()
+            q.release()
         try:
             self.mm.close()
         except BufferError:
