@@ -414,15 +414,20 @@ def test_get_vring_base_and_restart_with_a_ring_in_the_worker(
     assert "worker worker1 failed" not in p.log
 
 
+def seven_on_vq0_thirteen_on_vq1(fe: BlkFrontend) -> None:
+    """7 writes in the main process's queue, 13 reads in the worker's."""
+    for i in range(7):
+        fe.write(8 * i, rand(BLOCK), q=0)
+    for i in range(13):
+        fe.read(8 * i, BLOCK, q=1)
+
+
 def test_served_per_queue_counts_the_workers_requests(
         start: Callable[..., Any], frontends: Callable[..., BlkFrontend]) -> None:
     p = start()
     one_worker(p)
     fe = frontends(p.socket_path)
-    for i in range(7):
-        fe.write(8 * i, rand(BLOCK), q=0)
-    for i in range(13):
-        fe.read(8 * i, BLOCK, q=1)
+    seven_on_vq0_thirteen_on_vq1(fe)
     fe.close()
     wait_for(lambda: "requests served per queue: vq0=7 vq1=13" in p.log, "the counts")
     # Totals across front ends: the ring went to the worker again for the next one.
@@ -438,10 +443,7 @@ def test_sigusr1_logs_every_ring_with_exact_positions(
     p = start()
     one_worker(p)
     fe = frontends(p.socket_path)
-    for i in range(7):
-        fe.write(8 * i, rand(BLOCK), q=0)
-    for i in range(13):
-        fe.read(8 * i, BLOCK, q=1)
+    seven_on_vq0_thirteen_on_vq1(fe)
 
     def report(vq: int, n: int, where: str) -> str:
         return (rf"state: blk0/vq{vq}: running, size \d+, next avail {n}, next used {n} "
