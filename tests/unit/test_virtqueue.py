@@ -900,28 +900,55 @@ def test_inflight_recovery_ignores_impossible_heads_in_the_used_ring(
 # of guest RAM and counts the times it reads 0 (the device never writes 0 here).
 _SPINNER = """
 import mmap, os, sys
-fd, used_idx_off, avail_event_off, flag_off = map(int, sys.argv[1:])
-mm = mmap.mmap(fd, os.fstat(fd).st_size)
-words = memoryview(mm).cast("H")
-a, b, flag = used_idx_off // 2, avail_event_off // 2, flag_off // 2
-words[flag] = 1  # running
+fd, flag_fd, *offsets = map(int, sys.argv[1:])
+words = memoryview(mmap.mmap(fd, os.fstat(fd).st_size)).cast("H")
+flag = mmap.mmap(flag_fd, 1)
+fields = [off // 2 for off in offsets]
+flag[0] = 1  # running
 zeros = reads = 0
-while words[flag] == 1:
+while flag[0] == 1:
     for _ in range(1000):
-        zeros += (words[a] == 0) + (words[b] == 0)
-    reads += 2000
+        for f in fields:
+            zeros += words[f] == 0
+    reads += 1000 * len(fields)
 print(zeros, reads)
 """
+
+
+def zero_reads(fd: int, offsets: list[int], work: Callable[[], None]) -> int:
+    """Run ``work`` while a second process polls the 16-bit fields at ``offsets`` of
+    ``fd`` (the other side of shared memory, on another CPU); the times it read 0."""
+    import mmap
+    import subprocess
+    import sys
+    import time
+
+    flag_fd = os.memfd_create("spinner-flag")
+    os.ftruncate(flag_fd, 1)
+    flag = mmap.mmap(flag_fd, 1)
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", _SPINNER, str(fd), str(flag_fd), *map(str, offsets)],
+        pass_fds=(fd, flag_fd), stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while flag[0] != 1:
+            assert spinner.poll() is None and time.monotonic() < deadline, "spinner not up"
+            time.sleep(0.001)
+        work()
+    finally:
+        flag[0] = 0
+        out, _ = spinner.communicate(timeout=10)
+        flag.close()
+        os.close(flag_fd)
+    zeros, reads = map(int, out.split())
+    assert reads > 100_000, "the spinner hardly ran"
+    return zeros
 
 
 def test_driver_never_reads_a_half_written_used_idx_or_avail_event(ram: GuestRam) -> None:
     """struct.pack_into clears a field before it writes it: a driver polling used.idx
     in between would see 0 and take stale used entries (the guest then reports
     "id N is not a head!"). The engine must store these fields in one move."""
-    import subprocess
-    import sys
-    import time
-
     ring = Ring(ram, QS, 0x1000, 0x2000, 0x3000)
     ring.desc(0, BUF, 16, F_WRITE)
     ring.set_used_idx(1)
@@ -929,23 +956,31 @@ def test_driver_never_reads_a_half_written_used_idx_or_avail_event(ram: GuestRam
     ring.avail_idx = 1
     region, off = ram._locate(ring.used_gpa, 8)
     struct.pack_into("<H", region.mm, off + 4 + 8 * QS, 1)  # avail_event, before the spinner
-    flag_off = off + 0x800  # unused RAM after the used ring
-    spinner = subprocess.Popen(
-        [sys.executable, "-c", _SPINNER, str(region.fd), str(off + 2), str(off + 4 + 8 * QS),
-         str(flag_off)], pass_fds=(region.fd,), stdout=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 10
-        while region.mm[flag_off] != 1:
-            assert spinner.poll() is None and time.monotonic() < deadline, "spinner not up"
-            time.sleep(0.001)
+
+    def serve() -> None:
         # 60000 requests: used.idx runs from 2 to 60001, avail_event likewise.
         for _ in range(60000):
             ring.publish(0)
             q.process()
         assert ring.used_idx == 60001
+
+    assert zero_reads(region.fd, [off + 2, off + 4 + 8 * QS], serve) == 0
+
+
+def test_inflight_used_idx_is_never_half_written(inflight_fd: int) -> None:
+    """The region's used_idx tells a back end started after a crash where the ring
+    stood; a crash between pack_into's clearing and its store would leave 0."""
+    region = InflightRegion(inflight_fd, inflight_queue_stride(QS), 0, 1, QS)
+    queue = region.queues[0]
+    assert isinstance(queue, InflightQueue)
+    queue.init(QS, 1)
+
+    def complete() -> None:
+        for used_idx in range(2, 60002):
+            queue.take(0)
+            queue.completed([0], used_idx)
+
+    try:
+        assert zero_reads(inflight_fd, [14], complete) == 0
     finally:
-        region.mm[flag_off] = 0
-        out, _ = spinner.communicate(timeout=10)
-    zeros, reads = map(int, out.split())
-    assert reads > 100_000, "the spinner hardly ran"
-    assert zeros == 0, f"the driver read 0 {zeros} times in {reads} reads"
+        region.close()
