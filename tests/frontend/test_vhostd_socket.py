@@ -847,10 +847,14 @@ def test_kick_batching_skips_kicks_and_the_timer_serves_the_rest(
     """After a batch of 8 the device asks for a kick only at the 5th new request (half
     the batch ahead), and a request added without a kick completes through the
     fallback timer. With --kick-batch-wait=0 every request wants its kick."""
-    # A long fallback (200 ms) keeps the timer out of the way until the test wants it.
-    d = start("--kick-batch-wait=200000" if batching else "--kick-batch-wait=0")
+    # A long fallback (1 s, the longest allowed) keeps the timer out of the way until
+    # the test wants it, also on a loaded machine.
+    d = start("--kick-batch-wait=1000000" if batching else "--kick-batch-wait=0")
     fe = frontend(d)
     assert fe.has_feature(29)  # VIRTIO_RING_F_EVENT_IDX
+    # A round trip: the set-up messages without reply (SET_VRING_ENABLE looks at the
+    # ring, finds it empty and asks for the next kick) are handled before the batch.
+    fe.client.get_features()
     blobs = [rand(4096) for _ in range(8)]
     for i, blob in enumerate(blobs):
         fe.submit_write(0, 8 * i, blob)
@@ -866,7 +870,7 @@ def test_kick_batching_skips_kicks_and_the_timer_serves_the_rest(
                 assert fe.wait(0, tokens[-1], timeout=2.0)[1] == S_OK
         if not wait_each:
             for t in tokens:
-                assert fe.wait(0, t, timeout=2.0)[1] == S_OK
+                assert fe.wait(0, t, timeout=5.0)[1] == S_OK
         return kicked
 
     if batching:
@@ -874,6 +878,6 @@ def test_kick_batching_skips_kicks_and_the_timer_serves_the_rest(
         # 5 served: avail_event 2 ahead. One more request, no kick due: the timer.
         began = time.monotonic()
         assert reads(1, wait_each=False) == [False]
-        assert time.monotonic() - began >= 0.15, "served before the fallback was due"
+        assert time.monotonic() - began >= 0.9, "served before the fallback was due"
     else:
         assert reads(6, wait_each=True) == [True] * 6
