@@ -30,8 +30,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vhostd.tools.guest import GuestImage, build_guest
-from vhostd.tools.qemu import GuestVM, StorageDaemon, VhostUserBlkDisk
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's testbed/
+
+from testbed.guest import GuestImage, build_guest
+from testbed.qemu import GuestVM, StorageDaemon, VhostUserBlkDisk
 
 JOBS = ["randread32", "randwrite32", "randread1", "seqread128k", "mq2"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from vhostd.tools.guest import GuestImage, build_guest
+from testbed.guest import GuestImage, build_guest
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vhostd.tools.guest import GuestImage
-from vhostd.tools.qemu import GuestVM, StorageDaemon, VhostUserBlkDisk
+from testbed.guest import GuestImage
+from testbed.qemu import GuestVM, StorageDaemon, VhostUserBlkDisk
 
 # Generous: a TCG guest on a busy CI machine can be several times slower
 # than the ~5-20 s it takes on an idle one.

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from vhostd.tools.guest import GuestImage
-from vhostd.tools.qemu import GuestVM, VhostUserBlkDisk
+from testbed.guest import GuestImage
+from testbed.qemu import GuestVM, VhostUserBlkDisk
 
 pytestmark = pytest.mark.e2e
 TIMEOUT = 300

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vhostd.tools.guest import GuestImage
-from vhostd.tools.qemu import GuestVM, VhostUserBlkDisk
+from testbed.guest import GuestImage
+from testbed.qemu import GuestVM, VhostUserBlkDisk
 
 TIMEOUT = 300
 MiB = 1 << 20
@@ -130,7 +130,7 @@ def test_resize_seen_by_guest(guest_image, sock, sparse_image, vhostd) -> None:
 
 def test_readme_demo_runs(tmp_path: Path) -> None:
     """The README's main command ends in the demo tool: it must pass end to end."""
-    r = subprocess.run([sys.executable, "-m", "vhostd.tools.demo", "--seconds", "8"],
+    r = subprocess.run([sys.executable, "-m", "testbed.demo", "--seconds", "8"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "PASS: every round verified" in r.stdout

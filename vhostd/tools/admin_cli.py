@@ -27,8 +27,7 @@ from vhostd_proto.virtio_admin import PartType as P
 
 from ..engine.parts import Part, PartsError, decode_parts
 from ..frontend.admin import AdminCommandError, AdminDriver
-from .migrate import export_parts, import_parts
-from .parts_stream import StreamError, read_records
+from .parts_stream import StreamError, export_parts, import_parts, read_records
 
 _STATUS_BITS = [(1, "ACKNOWLEDGE"), (2, "DRIVER"), (4, "DRIVER_OK"), (8, "FEATURES_OK"),
                 (0x40, "NEEDS_RESET"), (0x80, "FAILED")]

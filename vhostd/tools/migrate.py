@@ -36,8 +36,8 @@ from qemu.qmp import QMPClient
 from vhostd_proto.virtio_admin import DevPartVqCfg, PartType
 
 from ..engine.parts import decode_parts
-from ..frontend.admin import SET, AdminDriver
-from .parts_stream import StreamError, read_records, write_record
+from ..frontend.admin import AdminDriver
+from .parts_stream import export_parts, import_parts
 
 Progress = Callable[[str], None]
 STATUS_DRIVER_OK = 0x4
@@ -150,33 +150,6 @@ def move_parts(move: OwnerMove) -> int:
             except Exception:
                 pass
         raise
-
-
-def export_parts(admin: AdminDriver, member: int, path: str) -> int:
-    """Stop ``member`` and write its parts to a parts stream; it stays stopped."""
-    admin.stop(member)
-    parts = admin.parts_get(member)
-    with open(path, "wb") as f:
-        write_record(f, parts)
-    return len(parts)
-
-
-def import_parts(admin: AdminDriver, member: int, path: str) -> int:
-    """Stop ``member``, apply every record of a parts stream, resume it."""
-    admin.stop(member)
-    obj = admin.create_object(member, SET)
-    n = 0
-    try:
-        with open(path, "rb") as f:
-            for record in read_records(f):
-                admin.parts_set_obj(member, obj, record.data)
-                n += 1
-    finally:
-        admin.destroy_object(member, obj)
-    if not n:
-        raise StreamError(f"{path} holds no device-data record")
-    admin.resume(member)
-    return n
 
 
 def resume_member(owner_socket: str, member: int) -> None:

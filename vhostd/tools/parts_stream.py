@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from ..frontend.admin import SET, AdminDriver
+
 RECORD_HEADER = struct.Struct("<QII")
 TAG_DEVICE_DATA = 0
 FLAG_OPTIONAL = 1
@@ -72,3 +74,30 @@ def _read_exact(src: BinaryIO, n: int, allow_eof: bool = False) -> bytes:
             raise StreamError(f"stream ends inside a record ({len(buf)} of {n} bytes)")
         buf += chunk
     return buf
+
+
+def export_parts(admin: AdminDriver, member: int, path: str) -> int:
+    """Stop ``member`` and write its parts to a parts stream; it stays stopped."""
+    admin.stop(member)
+    parts = admin.parts_get(member)
+    with open(path, "wb") as f:
+        write_record(f, parts)
+    return len(parts)
+
+
+def import_parts(admin: AdminDriver, member: int, path: str) -> int:
+    """Stop ``member``, apply every record of a parts stream, resume it."""
+    admin.stop(member)
+    obj = admin.create_object(member, SET)
+    n = 0
+    try:
+        with open(path, "rb") as f:
+            for record in read_records(f):
+                admin.parts_set_obj(member, obj, record.data)
+                n += 1
+    finally:
+        admin.destroy_object(member, obj)
+    if not n:
+        raise StreamError(f"{path} holds no device-data record")
+    admin.resume(member)
+    return n

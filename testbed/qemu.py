@@ -1,6 +1,6 @@
 """Run the test guest under QEMU against vhost-user-blk back ends.
 
-``GuestVM`` boots the image from ``vhostd.tools.guest`` with one
+``GuestVM`` boots the image from ``testbed.guest`` with one
 vhost-user-blk-pci device per disk and exposes the serial console line by
 line.  ``StorageDaemon`` runs qemu-storage-daemon as a reference back end, so
 the guest side can be checked independently of vhostd.
@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from vhostd.tools.guest import GuestImage
+from testbed.guest import GuestImage
 
 RESULT_RE = re.compile(r"VHOSTD-RESULT: (PASS|FAIL(?: (-?\d+))?)")
 

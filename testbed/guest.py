@@ -8,7 +8,7 @@ Everything comes from the host's Debian packages: the kernel from
 ``linux-image-cloud-amd64`` (small, boots fast under TCG) and the userland from
 busybox-static, fio, e2fsprogs and util-linux as installed on the host.
 
-Usage: ``python -m vhostd.tools.guest`` builds (or reuses) the image and
+Usage: ``python -m testbed.guest`` builds (or reuses) the image and
 prints its paths.
 """
 

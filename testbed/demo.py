@@ -1,6 +1,6 @@
 """The demo: a running guest's disk moves from one vhostd member to another, live.
 
-    python -m vhostd.tools.demo [--workdir DIR] [--seconds N] [--keep]
+    python -m testbed.demo [--workdir DIR] [--seconds N] [--keep]
 
 1. builds (or reuses) the small test guest;
 2. starts vhostd with an owner device and two members, both on one sparse image
@@ -28,16 +28,17 @@ import sys
 import time
 from pathlib import Path
 
-from ..engine.parts import decode_parts
-from ..frontend.admin import AdminDriver
-from .admin_cli import describe_part
+from vhostd.engine.parts import decode_parts
+from vhostd.frontend.admin import AdminDriver
+from vhostd.tools.admin_cli import describe_part
+from vhostd.tools.migrate import MigrationError, OwnerMove, migrate
+
 from .guest import build_guest
-from .migrate import MigrationError, OwnerMove, migrate
 from .qemu import GuestVM
 
 MiB = 1 << 20
 BASE = Path("/tmp/vhostd-demo")  # the paths qemu-configs/demo-member*.cfg name
-CONFIGS = Path(__file__).resolve().parents[2] / "qemu-configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "qemu-configs"
 
 
 def say(text: str) -> None:
