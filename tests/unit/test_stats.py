@@ -1,0 +1,48 @@
+"""Request statistics: counting, merging, percentiles."""
+
+from vhostd.devices.stats import (
+    LATENCY_BOUNDS_NS,
+    OP_FLUSH,
+    OP_READ,
+    OP_WRITE,
+    QueueStats,
+    percentile_ns,
+)
+
+
+def test_counts_by_kind_and_bytes() -> None:
+    s = QueueStats()
+    s.completed(OP_READ, 4096, True, 7_000)
+    s.completed(OP_WRITE, 8192, True, 30_000)
+    s.completed(OP_FLUSH, 0, False, 3_000_000)
+    snap = s.snapshot()
+    assert snap["requests"] == 3
+    assert snap["ops"]["read"] == snap["ops"]["write"] == snap["ops"]["flush"] == 1
+    assert (snap["bytes_read"], snap["bytes_written"], snap["errors"]) == (4096, 8192, 1)
+    assert sum(snap["latency_buckets"]) == 3
+    # 7 us lands in the 10 us bucket, 30 us in the 50 us one, 3 ms in the 5 ms one.
+    assert snap["latency_buckets"][LATENCY_BOUNDS_NS.index(10_000)] == 1
+    assert snap["latency_buckets"][LATENCY_BOUNDS_NS.index(50_000)] == 1
+    assert snap["latency_buckets"][LATENCY_BOUNDS_NS.index(5_000_000)] == 1
+
+
+def test_merge_adds_another_process_counts() -> None:
+    a, b = QueueStats(), QueueStats()
+    a.completed(OP_READ, 512, True, 1_000)
+    b.completed(OP_READ, 1024, True, 1_000)
+    b.completed(OP_WRITE, 512, False, 20_000_000_000)  # slower than the last bound
+    a.merge(b.snapshot())
+    snap = a.snapshot()
+    assert (snap["requests"], snap["bytes_read"], snap["errors"]) == (3, 1536, 1)
+    assert snap["latency_buckets"][-1] == 1
+
+
+def test_percentiles() -> None:
+    s = QueueStats()
+    assert percentile_ns(s.latency, 0.5) is None
+    for _ in range(99):
+        s.completed(OP_READ, 4096, True, 8_000)
+    s.completed(OP_READ, 4096, True, 900_000)
+    assert percentile_ns(s.latency, 0.5) == 10_000
+    assert percentile_ns(s.latency, 0.99) == 10_000
+    assert percentile_ns(s.latency, 1.0) == 1_000_000

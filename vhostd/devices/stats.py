@@ -1,0 +1,84 @@
+"""Per-queue request statistics: plain integers updated where requests complete.
+
+The data path pays one ``time.monotonic_ns()`` pair and a few integer additions per
+request; readers (the control socket, metrics, SIGUSR1) take a :meth:`snapshot`, which is
+plain data and can cross a process boundary (queue workers answer ``stats`` with it).
+
+Latency is kept as a histogram over fixed bounds (:data:`LATENCY_BOUNDS_NS`), from which
+percentiles are estimated and which Prometheus exports as its ``le`` buckets.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Any
+
+# Upper bounds of the latency buckets in nanoseconds: 1-2-5 steps from 5 us to 10 s; the
+# last bucket (index len(LATENCY_BOUNDS_NS)) counts everything slower.
+LATENCY_BOUNDS_NS: tuple[int, ...] = tuple(
+    m * 10 ** e for e in range(3, 10) for m in (1, 2, 5) if 5_000 <= m * 10 ** e <= 10 ** 10
+) + (10 ** 10,)
+
+# Request kinds, as counted.
+OPS = ("read", "write", "flush", "discard", "write_zeroes", "get_id", "other")
+OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES, OP_GET_ID, OP_OTHER = range(len(OPS))
+
+
+class QueueStats:
+    """Counters of one request queue. Only the process serving the queue updates them."""
+
+    __slots__ = ("bytes_read", "bytes_written", "errors", "in_flight", "latency", "ops",
+                 "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0  # requests completed
+        self.ops = [0] * len(OPS)  # completed, by kind
+        self.bytes_read = 0  # data moved to the driver (reads)
+        self.bytes_written = 0  # data moved to storage (writes)
+        self.errors = 0  # requests completed with a status other than OK
+        self.in_flight = 0  # taken, not yet completed
+        self.latency = [0] * (len(LATENCY_BOUNDS_NS) + 1)
+
+    def completed(self, op: int, nbytes: int, ok: bool, elapsed_ns: int) -> None:
+        self.requests += 1
+        self.ops[op] += 1
+        if op == OP_READ:
+            self.bytes_read += nbytes
+        elif op == OP_WRITE:
+            self.bytes_written += nbytes
+        if not ok:
+            self.errors += 1
+        self.latency[bisect_left(LATENCY_BOUNDS_NS, elapsed_ns)] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain data (JSON-able): the counters and the latency histogram."""
+        return {"requests": self.requests, "ops": dict(zip(OPS, self.ops, strict=True)),
+                "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
+                "errors": self.errors, "in_flight": self.in_flight,
+                "latency_buckets": list(self.latency)}
+
+    def merge(self, snap: dict[str, Any]) -> None:
+        """Add the counts of ``snap`` (a queue that was served elsewhere for a while)."""
+        self.requests += snap["requests"]
+        for i, op in enumerate(OPS):
+            self.ops[i] += snap["ops"][op]
+        self.bytes_read += snap["bytes_read"]
+        self.bytes_written += snap["bytes_written"]
+        self.errors += snap["errors"]
+        for i, n in enumerate(snap["latency_buckets"]):
+            self.latency[i] += n
+
+
+def percentile_ns(buckets: list[int], fraction: float) -> int | None:
+    """The bucket bound below which ``fraction`` of the requests completed (an upper
+    estimate), or None without requests. The overflow bucket reports the last bound."""
+    total = sum(buckets)
+    if not total:
+        return None
+    want = fraction * total
+    seen = 0
+    for i, n in enumerate(buckets):
+        seen += n
+        if seen >= want:
+            return LATENCY_BOUNDS_NS[min(i, len(LATENCY_BOUNDS_NS) - 1)]
+    return LATENCY_BOUNDS_NS[-1]
