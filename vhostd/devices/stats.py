@@ -16,8 +16,8 @@ from typing import Any
 # Upper bounds of the latency buckets in nanoseconds: 1-2-5 steps from 5 us to 10 s; the
 # last bucket (index len(LATENCY_BOUNDS_NS)) counts everything slower.
 LATENCY_BOUNDS_NS: tuple[int, ...] = tuple(
-    m * 10 ** e for e in range(3, 10) for m in (1, 2, 5) if 5_000 <= m * 10 ** e <= 10 ** 10
-) + (10 ** 10,)
+    m * 10 ** e for e in range(3, 11) for m in (1, 2, 5) if 5_000 <= m * 10 ** e <= 10 ** 10
+)
 
 # Request kinds, as counted.
 OPS = ("read", "write", "flush", "discard", "write_zeroes", "get_id", "other")
