@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import grp
 import json
 import logging
 import os
@@ -15,17 +16,18 @@ import socket
 import sys
 from dataclasses import dataclass
 
+from .core import events
 from .devices.backing import FileBackend
 from .devices.blk import BlkDevice, BlkOptions
 from .devices.owner import OwnerDevice
+from .discovery import CAPABILITIES, descriptor
 from .engine.backend import VhostUserBackend
 from .engine.inflight import CHECK_ENV
 from .engine.virtqueue import KICK_WAIT_DEFAULT_US, KICK_WAIT_ENV
 from .shell.daemon import Daemon, Endpoint
 from .shell.server import StartupError, adopt_listening_fd, bind_unix
+from .shell.systemd import ActivationError, ListenFds, Notifier, listen_fds
 from .shell.worker import WorkerProcess
-
-CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
 
 
 def _number(text: str) -> int:
@@ -61,6 +63,17 @@ def _workers(text: str) -> int | None:
     return value
 
 
+def _group(text: str) -> int:
+    """A group name or number -> gid."""
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        pass
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"no group named {text!r}")
+
+
 def _mode(text: str) -> int:
     try:
         return int(text, 8)
@@ -92,14 +105,15 @@ def parse_member(text: str) -> MemberSpec:
         if key in opts:
             raise argparse.ArgumentTypeError(f"{key} given twice")
         opts[key] = value
-    for key in ("socket-path", "blk-file"):
-        if not opts.get(key):
-            raise argparse.ArgumentTypeError(f"{key}= is required")
+    if not opts.get("blk-file"):
+        raise argparse.ArgumentTypeError("blk-file= is required")
+    if "socket-path" in opts and not opts["socket-path"]:
+        raise argparse.ArgumentTypeError("socket-path= is empty")
     ro = opts.get("read-only", "off")
     if ro not in ("on", "off"):
         raise argparse.ArgumentTypeError(f"read-only={ro}: expected on or off")
     return MemberSpec(
-        socket_path=opts["socket-path"], blk_file=opts["blk-file"], read_only=ro == "on",
+        socket_path=opts.get("socket-path", ""), blk_file=opts["blk-file"], read_only=ro == "on",
         num_queues=_positive(opts.get("num-queues", "1")),
         queue_size=_positive(opts.get("queue-size", "1024")),
         serial=opts.get("serial", ""),
@@ -114,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the back-end capabilities as JSON and exit")
+    p.add_argument("--print-descriptor", action="store_true",
+                   help="print QEMU's vhost-user back-end descriptor for this vhostd program "
+                        "(install as /usr/share/qemu/vhost-user/50-vhostd.json) and exit")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket-path", metavar="PATH",
                        help="listen for the front end on this unix socket")
@@ -121,13 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use the inherited listening unix socket N")
     p.add_argument("--socket-mode", type=_mode, default=0o600, metavar="MODE",
                    help="permissions of the socket file (octal, default 0600)")
+    p.add_argument("--socket-group", type=_group, metavar="GROUP",
+                   help="give the socket file to this group (name or number), so a front end "
+                        "running as a member of it (libvirt's QEMU: kvm) may connect; use "
+                        "with --socket-mode=0660")
     p.add_argument("--blk-file", metavar="FILE",
                    help="raw image file to serve (with --member: the owner's own disk)")
     p.add_argument("--member", action="append", default=[], metavar="OPTS",
                    type=parse_member,
                    help="add a member device managed by an owner device on --socket-path: "
                         "socket-path=PATH,blk-file=FILE[,read-only=on][,num-queues=N]"
-                        "[,queue-size=N][,serial=ID] (repeat; members are 1..N in order)")
+                        "[,queue-size=N][,serial=ID] (repeat; members are 1..N in order; "
+                        "without socket-path= the member's socket comes from systemd)")
     p.add_argument("--read-only", action="store_true", help="serve the image read-only")
     p.add_argument("--num-queues", type=_positive, default=1, metavar="N",
                    help="number of request queues (default 1)")
@@ -189,18 +211,50 @@ def _blk_device(name: str, path: str, read_only: bool, options: BlkOptions,
         raise StartupError(f"{name}: {e}") from e
 
 
-def _listen(socket_path: str | None, fd: int | None, mode: int) -> tuple[socket.socket,
-                                                                          str | None]:
-    if socket_path is not None:
-        return bind_unix(socket_path, mode), socket_path
-    assert fd is not None
-    return adopt_listening_fd(fd), None
+def _listen(args: argparse.Namespace) -> tuple[socket.socket, str | None]:
+    """The device's (or owner's) listening socket: bound, inherited or activated."""
+    if args.socket_path is not None:
+        return bind_unix(args.socket_path, args.socket_mode, args.socket_group), args.socket_path
+    if args.fd is not None:
+        return adopt_listening_fd(args.fd), None
+    return _adopt_activated(args.listen, 0), None
+
+
+def _adopt_activated(listen: ListenFds, index: int) -> socket.socket:
+    fd, name = listen.fds[index], listen.names[index]
+    try:
+        return adopt_listening_fd(fd)
+    except StartupError as e:
+        raise StartupError(f"socket {index + 1} from systemd (fd {fd}"
+                           f"{', ' + name if name else ''}): {e}") from e
+
+
+def _check_activation(args: argparse.Namespace) -> None:
+    """With sockets from systemd: one for the device (or owner), then one for each
+    member without socket-path=, in order."""
+    listen: ListenFds | None = args.listen
+    unbound = [i for i, m in enumerate(args.member, start=1) if not m.socket_path]
+    if listen is None:
+        if unbound:
+            raise StartupError(f"--member {unbound[0]} has no socket-path= (only sockets "
+                               "passed by systemd may be left out)")
+        return
+    want = 1 + len(unbound)
+    if len(listen.fds) != want:
+        members = f" and one for each --member without socket-path= ({len(unbound)})" \
+            if args.member else ""
+        raise StartupError(
+            f"systemd passed {len(listen.fds)} socket(s) (LISTEN_FDS: {listen.describe()}) "
+            f"but vhostd expects {want}: one for the {'owner' if args.member else 'device'}"
+            f"{members}, in that order")
 
 
 def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
                     ) -> list[Endpoint]:
-    if args.socket_path is None and args.fd is None:
-        raise StartupError("one of --socket-path or --fd is required")
+    if args.socket_path is None and args.fd is None and args.listen is None:
+        raise StartupError("one of --socket-path or --fd is required (or sockets passed by "
+                           "systemd socket activation)")
+    _check_activation(args)
     if not args.blk_file and not args.member:
         raise StartupError("--blk-file is required (or --member for an owner device)")
     if args.state_dir and not os.path.isdir(args.state_dir):
@@ -218,7 +272,7 @@ def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
     endpoints: list[Endpoint] = []
     if not args.member:
         assert disk is not None
-        sock, path = _listen(args.socket_path, args.fd, args.socket_mode)
+        sock, path = _listen(args)
         return [Endpoint(VhostUserBackend(disk, loop), sock, path)]
     members = []
     for i, spec in enumerate(args.member, start=1):
@@ -230,10 +284,17 @@ def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
         members.append(VhostUserBackend(device, loop))
     owner = VhostUserBackend(OwnerDevice(members, disk), loop)
     try:
-        sock, path = _listen(args.socket_path, args.fd, args.socket_mode)
+        sock, path = _listen(args)
         endpoints.append(Endpoint(owner, sock, path))
+        activated = 1
         for spec, backend in zip(args.member, members, strict=True):
-            endpoints.append(Endpoint(backend, bind_unix(spec.socket_path, args.socket_mode),
+            if not spec.socket_path:
+                endpoints.append(Endpoint(backend, _adopt_activated(args.listen, activated),
+                                          None))
+                activated += 1
+                continue
+            endpoints.append(Endpoint(backend, bind_unix(spec.socket_path, args.socket_mode,
+                                                         args.socket_group),
                                       spec.socket_path))
     except StartupError:
         for ep in endpoints:
@@ -294,7 +355,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_capabilities:
         print(json.dumps(CAPABILITIES))
         return 0
+    if args.print_descriptor:
+        try:
+            print(json.dumps(descriptor(), indent=2))
+        except FileNotFoundError as e:
+            print(f"vhostd: {e}", file=sys.stderr)
+            return 1
+        return 0
     _setup_logging(args.log_level)
+    notifier = Notifier.from_environment()
+    try:
+        args.listen = _take_listen_fds(args)
+    except ActivationError as e:
+        print(f"vhostd: socket activation: {e}", file=sys.stderr)
+        return 1
     if args.check_rings:
         os.environ[CHECK_ENV] = "1"  # queue workers inherit it
     if args.kick_batch_wait is not None:
@@ -310,18 +384,63 @@ def main(argv: list[str] | None = None) -> int:
         daemon = Daemon(loop, endpoints, workers)
         if args.pidfile:
             _write_pidfile(args.pidfile)
-        loop.run_until_complete(daemon.run())
+        loop.run_until_complete(_serve(daemon, notifier, endpoints))
     except StartupError as e:
         print(f"vhostd: {e}", file=sys.stderr)
         return 1
     finally:
         loop.close()
+        notifier.close()
         if args.pidfile:
             try:
                 os.unlink(args.pidfile)
             except FileNotFoundError:
                 pass
     return 0
+
+
+def _take_listen_fds(args: argparse.Namespace) -> ListenFds | None:
+    """Sockets passed by systemd, used when neither --socket-path nor --fd is given."""
+    listen = listen_fds()
+    if listen is not None and (args.socket_path is not None or args.fd is not None):
+        logging.getLogger("vhostd").warning(
+            "ignoring the socket(s) passed by systemd (%s): %s was given", listen.describe(),
+            "--socket-path" if args.socket_path is not None else "--fd")
+        return None
+    return listen
+
+
+async def _serve(daemon: Daemon, notifier: Notifier, endpoints: list[Endpoint]) -> None:
+    """Run the daemon; tell systemd once every socket accepts, and when it stops."""
+    names = [ep.backend.device.name for ep in endpoints]
+    where = ", ".join(f"{name} on {ep.path or f'fd {ep.sock.fileno()}'}"
+                      for name, ep in zip(names, endpoints, strict=True))
+    # Once every socket is watched and SIGTERM is handled.
+    daemon.on_ready = lambda: notifier.ready(f"serving {where}")
+    connected: set[str] = set()
+
+    def follow(name: str, data: dict[str, object]) -> None:
+        device = str(data.get("device", ""))
+        if name == events.FRONTEND_CONNECTED:
+            connected.add(device)
+        elif name == events.FRONTEND_DISCONNECTED:
+            connected.discard(device)
+        else:
+            return
+        notifier.status(f"{len(connected)} of {len(names)} front end(s) connected")
+
+    async def stopping() -> None:
+        await daemon.stopping.wait()
+        notifier.stopping()
+
+    if notifier.enabled:
+        events.subscribe(follow)
+    watch = asyncio.ensure_future(stopping())
+    try:
+        await daemon.run()
+    finally:
+        watch.cancel()
+        events.unsubscribe(follow)
 
 
 def _write_pidfile(path: str) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..engine.backend import VhostUserBackend
@@ -34,6 +35,8 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.servers = [DeviceServer(loop, ep.backend, ep.sock, ep.path) for ep in endpoints]
         self.workers = workers or []
+        # Called once every socket is watched and the signal handlers are in place.
+        self.on_ready: Callable[[], None] | None = None
         for worker in self.workers:
             worker.watch(loop, self._worker_exited)
 
@@ -67,6 +70,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGUSR1, self.report_state)
         for server in self.servers:
             server.log.info("listening on %s", server.path or f"fd {server.sock.fileno()}")
+        if self.on_ready is not None:
+            self.on_ready()
         try:
             await self.stopping.wait()
         finally:

@@ -34,8 +34,30 @@ class StartupError(Exception):
     """The daemon cannot start; the message is the one-line reason."""
 
 
-def bind_unix(path: str, mode: int = 0o600) -> socket.socket:
-    """A listening socket at ``path``, replacing a stale socket file only."""
+def _make_socket_folder(folder: str) -> None:
+    """Create a missing socket folder (and its missing parents) with mode 0755."""
+    missing = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+            os.chmod(d, 0o755)  # whatever the umask: QEMU's user must reach the socket
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise StartupError(f"cannot create the socket folder {d}: {e.strerror}") from e
+        log.info("created the socket folder %s (mode 0755)", d)
+
+
+def bind_unix(path: str, mode: int = 0o600, group: int | None = None) -> socket.socket:
+    """A listening socket at ``path``, replacing a stale socket file only.
+
+    The socket file gets ``mode`` and, if given, the group ``group`` (so a front end
+    running as another user in that group may connect); a missing folder is created.
+    """
+    _make_socket_folder(os.path.dirname(os.path.abspath(path)))
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -61,7 +83,15 @@ def bind_unix(path: str, mode: int = 0o600) -> socket.socket:
         raise StartupError(f"cannot bind {path}: {e.strerror}") from e
     finally:
         os.umask(old)
-    os.chmod(path, mode)
+    try:
+        if group is not None:
+            os.chown(path, -1, group)
+        os.chmod(path, mode)
+    except OSError as e:
+        sock.close()
+        os.unlink(path)
+        raise StartupError(f"cannot set the owner group or mode of {path}: {e.strerror}"
+                           ) from e
     sock.listen(1)
     return sock
 
