@@ -429,17 +429,28 @@ async def _serve(daemon: Daemon, notifier: Notifier, endpoints: list[Endpoint]) 
             return
         notifier.status(f"{len(connected)} of {len(names)} front end(s) connected")
 
+    said_stopping = False
+
+    def say_stopping() -> None:
+        nonlocal said_stopping
+        if not said_stopping:
+            said_stopping = True
+            notifier.stopping()
+
     async def stopping() -> None:
         await daemon.stopping.wait()
-        notifier.stopping()
+        say_stopping()
 
     if notifier.enabled:
         events.subscribe(follow)
+    # Usually wakes while the daemon still closes its devices; if the daemon finishes
+    # first, the finally clause says it.
     watch = asyncio.ensure_future(stopping())
     try:
         await daemon.run()
     finally:
         watch.cancel()
+        say_stopping()
         events.unsubscribe(follow)
 
 

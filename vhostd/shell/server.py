@@ -37,7 +37,7 @@ class StartupError(Exception):
 def _make_socket_folder(folder: str) -> None:
     """Create a missing socket folder (and its missing parents) with mode 0755."""
     missing = []
-    while folder and not os.path.isdir(folder):
+    while folder and not os.path.lexists(folder):
         missing.append(folder)
         folder = os.path.dirname(folder)
     for d in reversed(missing):
@@ -45,7 +45,7 @@ def _make_socket_folder(folder: str) -> None:
             os.mkdir(d)
             os.chmod(d, 0o755)  # whatever the umask: QEMU's user must reach the socket
         except FileExistsError:
-            pass
+            continue  # made by someone else meanwhile
         except OSError as e:
             raise StartupError(f"cannot create the socket folder {d}: {e.strerror}") from e
         log.info("created the socket folder %s (mode 0755)", d)
