@@ -95,8 +95,11 @@ class GuestVM:
         quiet: bool = True,
         qemu: str = "qemu-system-x86_64",
         readconfig: Path | str | None = None,
+        direct_kernel: bool = True,
     ) -> None:
         self.image = image
+        # False: no -kernel/-initrd/-append, the firmware boots from a disk.
+        self.direct_kernel = direct_kernel
         self.disks = list(disks)
         # A QEMU configuration file (qemu-configs/) that describes machine, memory and
         # disks instead of the arguments built here.
@@ -168,13 +171,10 @@ class GuestVM:
             "none",
             "-serial",
             "stdio",
-            "-kernel",
-            str(self.image.kernel),
-            "-initrd",
-            str(self.image.initrd),
-            "-append",
-            self.kernel_cmdline(),
         ]
+        if self.direct_kernel:
+            cmd += ["-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
+                    "-append", self.kernel_cmdline()]
         if self.qmp is not None:
             cmd += ["-qmp", f"unix:{self.qmp},server=on,wait=off"]
         for i, disk in enumerate(self.disks):
