@@ -33,10 +33,11 @@ RUN apt-get update \
 COPY --from=build /opt/vhostd /opt/vhostd
 ENV PATH=/opt/vhostd/bin:$PATH
 USER vhostd
+COPY contrib/container/healthcheck.py /usr/local/lib/vhostd/healthcheck.py
 # Asks the daemon itself over its QMP control socket (--control-socket, which the
-# command below must pass): a greeting, qmp_capabilities, then query-status.
+# command must pass): greeting, qmp_capabilities, then query-status must say running.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s \
-    CMD ["python3", "-c", "import json,socket;s=socket.socket(socket.AF_UNIX);s.settimeout(4);s.connect('/run/vhostd/control.sock');f=s.makefile('rw');json.loads(f.readline());f.write('{\"execute\":\"qmp_capabilities\"}\\n{\"execute\":\"query-status\"}\\n');f.flush();json.loads(f.readline());r=json.loads(f.readline());raise SystemExit(0 if r['return'].get('running') else 1)"]
+    CMD ["python3", "/usr/local/lib/vhostd/healthcheck.py", "/run/vhostd/control.sock"]
 # SIGTERM ends vhostd quickly and cleanly, which is what `podman stop` sends.
 ENTRYPOINT ["/opt/vhostd/bin/vhostd"]
 CMD ["--help"]

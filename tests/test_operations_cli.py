@@ -6,8 +6,10 @@ from __future__ import annotations
 import grp
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from test_cli import get_features, run
@@ -107,3 +109,43 @@ def test_capabilities_are_options_vhostd_takes(tmp_path: Path, sparse_image, vho
     sock = tmp_path / "ro.sock"
     vhostd(f"--blk-file={sparse_image()}", "--read-only", socket_path=sock)
     assert get_features(sock) & (1 << 5)  # VIRTIO_BLK_F_RO
+
+
+def _qmp_stand_in(path: Path, running: bool, event_first: bool) -> threading.Thread:
+    """One QMP session as the protocol has it, until vhostd's own control socket is here."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn, srv, conn.makefile("rw") as f:
+            f.write(json.dumps({"QMP": {"version": {}, "capabilities": []}}) + "\n")
+            f.flush()
+            for line in f:
+                cmd = json.loads(line)["execute"]
+                if event_first:
+                    f.write(json.dumps({"event": "FRONTEND_CONNECTED", "data": {},
+                                        "timestamp": {"seconds": 1, "microseconds": 0}})
+                            + "\n")
+                ret = {} if cmd == "qmp_capabilities" else {"running": running}
+                f.write(json.dumps({"return": ret}) + "\n")
+                f.flush()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+def test_container_healthcheck(tmp_path: Path) -> None:
+    script = ROOT / "contrib/container/healthcheck.py"
+    for running, event_first, rc in ((True, False, 0), (True, True, 0), (False, False, 1)):
+        sock = tmp_path / f"qmp-{running}-{event_first}.sock"
+        t = _qmp_stand_in(sock, running, event_first)
+        r = subprocess.run([sys.executable, str(script), str(sock)], capture_output=True,
+                           text=True, timeout=20)
+        assert r.returncode == rc, r.stderr
+        t.join(5)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "none.sock")],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and "vhostd health:" in r.stderr
