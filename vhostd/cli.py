@@ -382,9 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         workers = _start_workers(args, endpoints)
         daemon = Daemon(loop, endpoints, workers)
-        if args.pidfile:
-            _write_pidfile(args.pidfile)
-        loop.run_until_complete(_serve(daemon, notifier, endpoints))
+        loop.run_until_complete(_serve(daemon, notifier, endpoints, args.pidfile))
     except StartupError as e:
         print(f"vhostd: {e}", file=sys.stderr)
         return 1
@@ -410,13 +408,21 @@ def _take_listen_fds(args: argparse.Namespace) -> ListenFds | None:
     return listen
 
 
-async def _serve(daemon: Daemon, notifier: Notifier, endpoints: list[Endpoint]) -> None:
-    """Run the daemon; tell systemd once every socket accepts, and when it stops."""
+async def _serve(daemon: Daemon, notifier: Notifier, endpoints: list[Endpoint],
+                 pidfile: str | None) -> None:
+    """Run the daemon; once every socket accepts and SIGTERM is handled, write the pid
+    file and tell systemd; tell it again when the daemon stops."""
     names = [ep.backend.device.name for ep in endpoints]
     where = ", ".join(f"{name} on {ep.path or f'fd {ep.sock.fileno()}'}"
                       for name, ep in zip(names, endpoints, strict=True))
-    # Once every socket is watched and SIGTERM is handled.
-    daemon.on_ready = lambda: notifier.ready(f"serving {where}")
+
+    def ready() -> None:
+        # Not earlier: a supervisor that sends SIGTERM right after must find it handled.
+        if pidfile:
+            _write_pidfile(pidfile)
+        notifier.ready(f"serving {where}")
+
+    daemon.on_ready = ready
     connected: set[str] = set()
 
     def follow(name: str, data: dict[str, object]) -> None:
