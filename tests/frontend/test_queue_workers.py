@@ -338,7 +338,9 @@ def test_killed_worker_is_noticed_without_a_control_message(
     disk.submit_writes(1, list(range(8, 16)))
     disk.drain(timeout=5.0)  # only kicks, as a running guest sends
     disk.verify(1)
-    assert "queue worker worker1" in p.log and "exited" in p.log
+    # Noticed by the exit watcher, or (on a loaded machine, first) by the closed channel.
+    assert ("queue worker worker1" in p.log and "exited" in p.log) \
+        or "worker1 does not answer: peer closed the channel" in p.log, p.log
     assert "this process serves the ring from now on" in p.log
 
 
