@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from .devices.backing import FileBackend
 from .devices.blk import BlkDevice, BlkOptions
 from .devices.owner import OwnerDevice
-from .engine.backend import VhostUserBackend
 from .engine.inflight import CHECK_ENV
 from .engine.virtqueue import KICK_WAIT_DEFAULT_US, KICK_WAIT_ENV
 from .shell.daemon import Daemon, Endpoint
 from .shell.server import StartupError, adopt_listening_fd, bind_unix
 from .shell.worker import WorkerProcess
+from .vhost_user.handler import VhostUserHandler
+from .vhost_user.member import Member
 
 CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
 
@@ -219,7 +220,7 @@ def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
     if not args.member:
         assert disk is not None
         sock, path = _listen(args.socket_path, args.fd, args.socket_mode)
-        return [Endpoint(VhostUserBackend(disk, loop), sock, path)]
+        return [Endpoint(VhostUserHandler(disk, loop), sock, path)]
     members = []
     for i, spec in enumerate(args.member, start=1):
         device = _blk_device(f"member{i}", spec.blk_file, spec.read_only, BlkOptions(
@@ -227,13 +228,13 @@ def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
             logical_block_size=args.logical_block_size, serial=spec.serial,
             writeback=not args.writethrough,
         ), args.state_dir)
-        members.append(VhostUserBackend(device, loop))
-    owner = VhostUserBackend(OwnerDevice(members, disk), loop)
+        members.append(VhostUserHandler(device, loop))
+    owner = VhostUserHandler(OwnerDevice([Member(m) for m in members], disk), loop)
     try:
         sock, path = _listen(args.socket_path, args.fd, args.socket_mode)
         endpoints.append(Endpoint(owner, sock, path))
-        for spec, backend in zip(args.member, members, strict=True):
-            endpoints.append(Endpoint(backend, bind_unix(spec.socket_path, args.socket_mode),
+        for spec, handler in zip(args.member, members, strict=True):
+            endpoints.append(Endpoint(handler, bind_unix(spec.socket_path, args.socket_mode),
                                       spec.socket_path))
     except StartupError:
         for ep in endpoints:
@@ -247,8 +248,8 @@ def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
 def _start_workers(args: argparse.Namespace, endpoints: list[Endpoint]
                    ) -> list[WorkerProcess]:
     """Start the queue workers and deal every request queue to a process."""
-    backends = [ep.backend for ep in endpoints if hasattr(ep.backend.device, "offload_spec")]
-    total = sum(b.device.num_queues for b in backends)
+    handlers = [ep.handler for ep in endpoints if hasattr(ep.handler.device, "worker_spec")]
+    total = sum(h.device.num_queues for h in handlers)
     n = args.queue_workers
     if n is None:
         # Half the CPUs are left to the guests' vCPUs and QEMU: on a 2-CPU host a TCG
@@ -267,12 +268,12 @@ def _start_workers(args: argparse.Namespace, endpoints: list[Endpoint]
         raise StartupError(f"cannot start a queue worker: {e.strerror}") from e
     slots: list[WorkerProcess | None] = [None, *workers]
     k = 0
-    for backend in backends:
-        hosts = []
-        for _ in range(backend.device.num_queues):
-            hosts.append(slots[k % len(slots)])
+    for handler in handlers:
+        assigned = []
+        for _ in range(handler.device.num_queues):
+            assigned.append(slots[k % len(slots)])
             k += 1
-        backend.set_hosts(hosts)  # type: ignore[arg-type]
+        handler.placement.assign(assigned)  # type: ignore[arg-type]
     logging.getLogger("vhostd").info(
         "%d queue worker(s) (pids %s) serve %d of %d request queues", n,
         " ".join(str(w.pid) for w in workers), total - (total + n) // (n + 1), total)

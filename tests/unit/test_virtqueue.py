@@ -13,6 +13,8 @@ from unit_support import (
     F_NEXT,
     F_WRITE,
     Call,
+    FakeDevice,
+    FakeLoop,
     GuestRam,
     Recorder,
     Ring,
@@ -27,7 +29,6 @@ from unit_support import (
 )
 
 from vhostd.engine import virtqueue as virtqueue_mod
-from vhostd.engine.backend import VhostUserBackend
 from vhostd.engine.inflight import (
     CHECK_ENV,
     CheckedInflightQueue,
@@ -35,6 +36,7 @@ from vhostd.engine.inflight import (
     InflightRegion,
 )
 from vhostd.engine.virtqueue import KICK_AHEAD_MAX, PENDING, SplitVirtqueue
+from vhostd.vhost_user.handler import VhostUserHandler
 from vhostd_proto.inflight import InflightSplitRegion, inflight_queue_stride
 from vhostd_proto.vhost_user import Request as R
 
@@ -760,50 +762,10 @@ def test_ring_check_is_off_by_default(inflight_fd: int, monkeypatch: pytest.Monk
     region.close()
 
 
-# ---- resubmission after a back-end restart, through VhostUserBackend (reference 6.3) --
+# ---- resubmission after a back-end restart, through the vhost-user handler (reference 6.3) --
 
 
-class _Device:
-    """The smallest VirtioDevice: one queue of 8 served by a Recorder."""
-
-    name = "fake"
-    num_queues = 1
-    max_queue_size = QS
-
-    def __init__(self, rec: Recorder) -> None:
-        self.rec = rec
-
-    def device_features(self) -> int:
-        return 0
-
-    def make_handler(self, queue: SplitVirtqueue) -> Recorder:
-        return self.rec
-
-    def get_config(self, offset: int, size: int) -> bytes:
-        return bytes(size)
-
-    def set_config(self, offset: int, data: bytes, flags: int) -> None:
-        pass
-
-    def features_acked(self, features: int) -> None:
-        pass
-
-    def reset(self) -> None:
-        pass
-
-    def disconnected(self) -> None:
-        pass
-
-
-class _Watcher:
-    def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> None:
-        pass
-
-    def remove_reader(self, fd: int) -> None:
-        pass
-
-
-def _start_connection(backend: VhostUserBackend, ram: GuestRam, ring: Ring, inflight_fd: int,
+def _start_connection(backend: VhostUserHandler, ram: GuestRam, ring: Ring, inflight_fd: int,
                       base: int, eventfd: Callable[[], int]) -> None:
     """QEMU 7.2's start sequence for one queue (steps 1-19), bit 30 negotiated."""
     proto = backend.connect()
@@ -838,21 +800,20 @@ def test_backend_resubmits_after_reconnect(ring: Ring, ram: GuestRam, inflight_f
     for head in (0, 1, 3, 5):
         ring.desc(head, BUF + 0x10 * head, 1, F_WRITE)
     rec = Recorder(result=lambda head: PENDING if head in (5, 3) else 1)
-    backend = VhostUserBackend(_Device(rec), _Watcher())
-    _start_connection(backend, ram, ring, inflight_fd, 0, eventfd)
+    first = VhostUserHandler(FakeDevice(rec, 1, QS), FakeLoop())
+    _start_connection(first, ram, ring, inflight_fd, 0, eventfd)
     ring.publish(5, 0, 3, 1)
-    backend.queues[0].process()  # the kick
+    first.queues[0].process()  # the kick
     assert rec.heads == [5, 0, 3, 1] and flagged(inflight_fd) == {5, 3}
-    backend.disconnect()  # the back end goes away with 5 and 3 in flight
-
-    rec.calls.clear()
-    rec.result = 1
-    _start_connection(backend, ram, ring, inflight_fd, ring.used_idx, eventfd)
+    # The back end dies (kill -9) with 5 and 3 still at its storage; a new one starts.
+    rec2 = Recorder(result=1)
+    second = VhostUserHandler(FakeDevice(rec2, 1, QS), FakeLoop())
+    _start_connection(second, ram, ring, inflight_fd, ring.used_idx, eventfd)
     try:
-        assert rec.heads == [5, 3]
+        assert rec2.heads == [5, 3]
         assert ring.used_elems(2) == [(5, 1), (3, 1)]
     finally:
-        backend.disconnect()
+        assert second.disconnect() is None
 
 
 # ---- robustness: faults that are not the driver's, and hostile recovery state ------
