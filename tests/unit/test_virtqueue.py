@@ -945,3 +945,120 @@ def test_inflight_used_idx_is_never_half_written(inflight_fd: int) -> None:
         assert zero_reads(inflight_fd, [14], complete) == 0
     finally:
         region.close()
+
+
+# ---- a crash after every store, with requests completing out of order ---------------
+
+
+class _Crash(BaseException):
+    """The back end is killed here: nothing after this point runs."""
+
+
+class _Stores:
+    """Counts every store the split engine makes to shared memory (used ring entries,
+    used.idx, inflight entries, flags and used_idx) and crashes after the ``limit``-th."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def store(self) -> None:
+        self.count += 1
+        if self.count == self.limit:
+            raise _Crash
+
+    def packer(self, real: Callable[..., None]) -> Callable[..., None]:
+        def pack_into(*args: Any) -> None:
+            real(*args)
+            self.store()
+        return pack_into
+
+    def words(self, view: memoryview) -> Any:
+        stores = self
+
+        class Words:
+            def __getitem__(self, i: int) -> int:
+                return view[i]  # type: ignore[no-any-return]
+
+            def __setitem__(self, i: int, value: int) -> None:
+                view[i] = value
+                stores.store()
+
+            def release(self) -> None:
+                view.release()
+
+        return Words()
+
+
+class _Packers:
+    def __init__(self, real: Any, stores: _Stores) -> None:
+        self.pack_into = stores.packer(real.pack_into)
+        self.unpack_from = real.unpack_from
+        self.size = real.size
+
+
+# (completions in order; None publishes what was completed without publishing)
+OUT_OF_ORDER = [
+    [(2, True), (0, True), (3, True), (1, True)],
+    [(3, False), (0, False), None, (2, True), (1, True)],
+]
+
+
+@pytest.mark.parametrize("completions", OUT_OF_ORDER, ids=["one-by-one", "batched"])
+def test_crash_after_every_store_with_out_of_order_completions(
+        ring: Ring, inflight_fd: int, monkeypatch: pytest.MonkeyPatch,
+        completions: list[tuple[int, bool] | None]) -> None:
+    from vhostd.engine import inflight as inflight_mod
+
+    heads = [0, 1, 2, 3]
+    for head in heads:
+        ring.desc(head, BUF + 0x10 * head, 1, F_WRITE)
+    limit = 1
+    while True:
+        # A fresh guest ring and region for every crash point.
+        ring.ram.write(ring.used_gpa, bytes(6 + 8 * QS))
+        ring.ram.write(ring.avail_gpa, bytes(6 + 2 * QS))
+        ring.avail_idx = 0
+        os.pwrite(inflight_fd, bytes(inflight_queue_stride(QS)), 0)
+        stores = _Stores(limit)
+        region = InflightRegion(inflight_fd, inflight_queue_stride(QS), 0, 1, QS)
+        q = ring.queue(Recorder(result=PENDING), inflight=region.queues[0])
+        crashed = False
+        with monkeypatch.context() as m:
+            m.setattr(inflight_mod, "ENTRY", _Packers(inflight_mod.ENTRY, stores))
+            m.setattr(inflight_mod, "_U8", _Packers(inflight_mod._U8, stores))
+            m.setattr(virtqueue_mod, "_used_pack", stores.packer(virtqueue_mod._used_pack))
+            iq = region.queues[0]
+            iq._words = stores.words(iq._words)  # type: ignore[attr-defined]
+            q._used16 = stores.words(q._used16)  # type: ignore[assignment]
+            try:
+                ring.publish(*heads)
+                q.process()
+                for step in completions:
+                    if step is None:
+                        q.publish()
+                    else:
+                        q.complete(step[0], 7, publish=step[1])
+            except _Crash:
+                crashed = True
+        published = ring.used_elems()
+        # A new back end after the crash: QEMU sends the used index as the base.
+        region2 = InflightRegion(inflight_fd, inflight_queue_stride(QS), 0, 1, QS)
+        rec2 = Recorder(result=9)
+        q2 = ring.queue(rec2, base=ring.used_idx, inflight=region2.queues[0])
+        q2.resubmit()
+        q2.process()  # and the chains the first never took
+        assert q2.last_avail_idx == 4, limit
+        done = ring.used_elems()
+        # Every request completed exactly once: what was published before the crash
+        # is not run again, and what was not is resubmitted.
+        assert sorted(h for h, _ in done) == heads, (limit, published, done)
+        assert done[:len(published)] == published
+        assert {h for h, n in done if n == 9} == set(rec2.heads), limit
+        assert flagged(inflight_fd) == set(), limit
+        region.close()
+        region2.close()
+        if not crashed:
+            break
+        limit += 1
+    assert limit > 12  # every store of the scenario was a crash point once

@@ -77,7 +77,7 @@ class RingPlacement:
         self.loop = loop
         n = len(source.queues)
         self.workers: list[Worker | None] = [None] * n  # who serves ring i when it can
-        self._away = [False] * n  # sent to its worker (or on the way)
+        self._in_worker = [False] * n  # sent to its worker (or on the way)
         self._returning: list[Pending[None] | None] = [None] * n
         self._holds = [0] * n
         self._watching: dict[int, int] = {}  # ring index -> kick fd watched here
@@ -92,7 +92,7 @@ class RingPlacement:
     def where(self, index: int) -> str | None:
         """The name of the worker serving ring ``index`` now, or None (here)."""
         w = self.workers[index]
-        return w.name if w is not None and self._away[index] else None
+        return w.name if w is not None and self._in_worker[index] else None
 
     def served_here(self, index: int) -> bool:
         """Whether this process serves ring ``index`` (rather than its worker)."""
@@ -108,7 +108,7 @@ class RingPlacement:
         calls: dict[int, tuple[Worker, list[int]]] = {}
         for i in indices:
             worker = self.workers[i]
-            if self._away[i] and self._returning[i] is None and worker is not None:
+            if self._in_worker[i] and self._returning[i] is None and worker is not None:
                 self._returning[i] = Pending()
                 calls.setdefault(id(worker), (worker, []))[1].append(i)
         for worker, rings in calls.values():
@@ -133,7 +133,7 @@ class RingPlacement:
             for i in indices:
                 back = states.get(self._key(i)) if states is not None else None
                 q = self.source.queues[i]
-                self._away[i] = False
+                self._in_worker[i] = False
                 if back is not None:
                     self.source.ring_returned(q, back)
                 elif self.workers[i] is worker:  # not already handled as a dead worker
@@ -153,7 +153,7 @@ class RingPlacement:
         for q in self.source.queues:
             i = q.index
             worker = self.workers[i]
-            if (worker is not None and not paused and not self._holds[i] and not self._away[i]
+            if (worker is not None and not paused and not self._holds[i] and not self._in_worker[i]
                     and q.ready and q.kick_fd is not None):
                 self._send(worker, q)
             self.update_watch(q)
@@ -161,13 +161,13 @@ class RingPlacement:
     def _send(self, worker: Worker, q: SplitVirtqueue) -> None:
         i = q.index
         spec, fds = self.source.ring_spec(q)
-        self._away[i] = True
+        self._in_worker[i] = True
         self.update_watch(q)
 
         def done(error: str | None) -> None:
-            if error is not None and self._away[i] and self._returning[i] is None:
+            if error is not None and self._in_worker[i] and self._returning[i] is None:
                 # Refused: this process serves the ring from now on.
-                self._away[i] = False
+                self._in_worker[i] = False
                 self._lose(i, error)
 
         worker.run(self._key(i), spec, fds, done)
@@ -179,13 +179,13 @@ class RingPlacement:
         for i, w in enumerate(self.workers):
             if w is not worker:
                 continue
-            was_away = self._away[i]
-            self._away[i] = False
+            was_in_worker = self._in_worker[i]
+            self._in_worker[i] = False
             self._lose(i, "it exited")
             pending, self._returning[i] = self._returning[i], None
             if pending is not None:
                 pending.resolve(None)
-            elif not was_away:
+            elif not was_in_worker:
                 self.update_watch(self.source.queues[i])
         self.settle()
 
@@ -249,7 +249,7 @@ class RingPlacement:
             here["device"] = self.source.device_stats(q)
             here["where"] = None
             out[i] = here
-            if worker is not None and self._away[i] and self._returning[i] is None:
+            if worker is not None and self._in_worker[i] and self._returning[i] is None:
                 asks.setdefault(id(worker), (worker, []))[1].append(i)
         if not asks:
             return out
