@@ -98,7 +98,7 @@ def test_no_import_cycles() -> None:
             if m not in g:
                 continue
             if state.get(m) == 1:
-                cycles.append(stack[stack.index(m):] + [m])
+                cycles.append([*stack[stack.index(m):], m])
             elif m not in state:
                 visit(m)
         stack.pop()
