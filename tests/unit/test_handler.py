@@ -24,14 +24,21 @@ from unit_support import (
     Recorder,
     config_payload,
     frame,
+    inflight_payload,
+    negotiate,
     state,
     vring_fd,
 )
 
+from vhostd.core.member import MemberMode
 from vhostd.core.pending import Pending
-from vhostd.core.protocol import RULES, RingScope
+from vhostd.core.protocol import RULES, ProtocolError, RingScope
+from vhostd.engine.inflight import InflightRegion
 from vhostd.engine.virtqueue import PENDING
 from vhostd.vhost_user.handler import VhostUserHandler
+from vhostd.vhost_user.member import Member
+from vhostd.vhost_user.parts import PartsError
+from vhostd_proto.device_parts import Part
 from vhostd_proto.vhost_user import Request as R
 
 QS = DRIVER_QS
@@ -236,3 +243,88 @@ def test_the_rings_column_of_the_core_rules() -> None:
     one = {r for r, rule in RULES.items() if rule.rings is RingScope.ONE}
     assert all(RULES[r].ring is not None for r in one)
     assert R.GET_VRING_BASE in one and R.SET_VRING_KICK in one
+
+
+# ---- holds end on every path; replies are never lost -----------------------------------
+
+
+def _placed_handler(worker: Any) -> VhostUserHandler:
+    h = VhostUserHandler(FakeDevice(Recorder(result=1), 2, QS), FakeLoop())
+    h.placement.assign([None, worker])
+    return h
+
+
+@pytest.mark.parametrize("bad", [state(1, 3), state(1, 7)], ids=["num-3", "enable-7"])
+def test_a_failing_ring_message_does_not_keep_its_ring_home(
+        ram: GuestRam, eventfd: Callable[[], int], bad: bytes) -> None:
+    worker = SlowWorker()
+    h = _placed_handler(worker)
+    proto = h.connect()
+    negotiate(proto)
+    request = R.SET_VRING_NUM if bad == state(1, 3) else R.SET_VRING_ENABLE
+    [msg] = proto.receive(frame(request, bad), [])
+    with pytest.raises(ProtocolError):
+        h.handle(msg)
+    assert not h.placement.held(1)
+    assert h.disconnect() is None
+    Conn(h, ram, lambda: os.dup(eventfd()))
+    assert h.placement.where(1) == "slow", "ring 1 never goes to its worker"
+
+
+def test_a_refused_parts_set_does_not_keep_the_rings_home(
+        ram: GuestRam, eventfd: Callable[[], int]) -> None:
+    worker = SlowWorker()
+    h = _placed_handler(worker)
+    Conn(h, ram, lambda: os.dup(eventfd()))
+    member = Member(h)
+    stop = member.set_mode(MemberMode.STOPPED)
+    assert isinstance(stop, Pending)
+    worker.answer()
+    assert stop.done
+    with pytest.raises(PartsError):
+        member.stage_parts([Part(0x7777, 0, bytes(8), b"\0")])
+    assert member.set_mode(MemberMode.RUNNING) is None
+    assert not h.placement.held(1) and h.placement.where(1) == "slow"
+
+
+class FailingRunWorker(SlowWorker):
+    fail = False
+
+    def run(self, key: str, spec: Any, fds: list[int], done: Callable[[str | None], None]
+            ) -> None:
+        if self.fail:
+            raise OSError(24, "Too many open files")
+        super().run(key, spec, fds, done)
+
+
+def test_the_reply_is_sent_even_if_the_ring_cannot_leave_again(
+        ram: GuestRam, eventfd: Callable[[], int]) -> None:
+    worker = FailingRunWorker()
+    h = _placed_handler(worker)
+    conn = Conn(h, ram, lambda: os.dup(eventfd()))
+    reply = conn.send(frame(R.SET_VRING_CALL, vring_fd(1, nofd=True), flags=NEED_REPLY))
+    assert isinstance(reply, Pending)
+    worker.fail = True
+    worker.answer()
+    assert reply.done and reply.result() is not None
+    # The ring could not go back: this process serves it, and watches its kicks.
+    assert h.placement.where(1) is None and h.placement.served_here(1)
+    assert h.queues[1].kick_fd in h.loop.readers  # type: ignore[attr-defined]
+
+
+def test_restarting_a_ring_waits_for_its_outstanding_requests(
+        conn: Conn, rec: Recorder, eventfd: Callable[[], int]) -> None:
+    fd, size = InflightRegion.create(2, QS)
+    conn.send(frame(R.SET_INFLIGHT_FD, inflight_payload(size, 0, 2, QS)), [fd])
+    conn.send(frame(R.SET_VRING_KICK, vring_fd(0)), [os.dup(eventfd())])
+    conn.requests(0, [0, 1])
+    q = conn.h.queues[0]
+    assert q.outstanding == 2 and rec.heads == [0, 1]
+    again = conn.send(frame(R.SET_VRING_KICK, vring_fd(0), flags=NEED_REPLY),
+                      [os.dup(eventfd())])
+    assert isinstance(again, Pending) and not again.done
+    q.complete(0, 1)
+    q.complete(1, 1)
+    assert again.done
+    assert rec.heads == [0, 1], "requests still at the device were handed to it again"
+    assert conn.rings[0].used_elems() == [(0, 1), (1, 1)]

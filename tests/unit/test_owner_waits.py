@@ -61,3 +61,40 @@ def test_a_stop_waits_for_outstanding_requests_and_others_go_on(
     assert members[0].mode is MemberMode.RUNNING
     slow.loop.run_soon()  # type: ignore[attr-defined]  # resume looks at the rings soon
     assert slow_rec.heads[-1] == 0 and slow.queues[1].outstanding == 1
+
+
+def test_a_stop_waiting_through_the_members_own_reset_still_stops_it(
+        ram: GuestRam, eventfd: Callable[[], int]) -> None:
+    from unit_support import frame
+
+    from vhostd_proto.vhost_user import Request as R
+
+    h = VhostUserHandler(FakeDevice(Recorder(result=PENDING), 2, 8), FakeLoop())
+    conn = Conn(h, ram, lambda: os.dup(eventfd()))
+    member = Member(h)
+    conn.requests(0, [0])
+    reset = conn.send(frame(R.RESET_DEVICE, flags=0x9))
+    assert isinstance(reset, Pending) and not reset.done
+    stop = member.set_mode(MemberMode.STOPPED)
+    assert isinstance(stop, Pending) and not stop.done
+    h.queues[0].complete(0, 1)
+    assert reset.done and stop.done
+    # The reset came first and unpaused the device; the stop then stopped it again.
+    assert member.mode is MemberMode.STOPPED and h.paused
+
+
+def test_commands_for_one_member_complete_in_queue_order(
+        ram: GuestRam, eventfd: Callable[[], int]) -> None:
+    slow = VhostUserHandler(FakeDevice(Recorder(result=PENDING), 2, 8), FakeLoop())
+    conn = Conn(slow, ram, lambda: os.dup(eventfd()))
+    admin = AdminCommands([Member(slow)])
+    admin.execute(command(LIST_USE, 0, (1 << 0x11 | 3).to_bytes(8, "little")), 0)
+    conn.requests(0, [0])
+    order: list[str] = []
+    stop = admin.execute(command(MODE_SET, 1, bytes([STOP])), 0)
+    again = admin.execute(command(MODE_SET, 1, bytes([STOP])), 0)  # done at once when run
+    assert isinstance(stop, Pending) and isinstance(again, Pending)
+    stop.then(lambda p: order.append("first"))
+    again.then(lambda p: order.append("second"))
+    slow.queues[0].complete(0, 1)
+    assert order == ["first", "second"]

@@ -256,11 +256,20 @@ def test_out_of_order_completions_wait_for_the_oldest(ring: PackedRing,
 def test_a_buffer_id_made_available_twice_while_in_flight_stops_the_ring(
         ring: PackedRing, fds: tuple[int, int]) -> None:
     _, err = fds
-    q = ring.queue(Recorder(result=PENDING), err_fd=err)
+    rec = Recorder(result=PENDING)
+    q = ring.queue(rec, err_fd=err)
     one(ring, 7)
     one(ring, 7)
     q.process()
     assert q.broken and eventfd_count(err) == 1
+    # The device never saw the second one, so the count of outstanding requests is
+    # right and a stop finishes once the first completes.
+    assert rec.heads == [7] and q.outstanding == 1
+    idle: list[bool] = []
+    q.quiesce(lambda: idle.append(True))
+    assert not idle
+    q.complete(7, 1)
+    assert idle and q.outstanding == 0
 
 
 # ---- event suppression ----------------------------------------------------------------

@@ -198,10 +198,19 @@ class AdminCommands:
             waiting.append((run, later))
             return later
         result = run()
-        if isinstance(result, Pending):
-            self._waiting[member] = []
-            result.then(lambda _: self._next(member))
-        return result
+        if not isinstance(result, Pending):
+            return result
+        self._waiting[member] = []
+        out: Pending[Outcome] = Pending()
+        result.then(lambda p: self._done_then_next(member, p, out))
+        return out
+
+    def _done_then_next(self, member: int, p: Pending[Outcome], out: Pending[Outcome]
+                        ) -> None:
+        """Complete a member's command, then start the next one for that member, so
+        the commands' used entries come in queue order."""
+        out.resolve(p.result())  # outcomes are never errors (execute maps them)
+        self._next(member)
 
     def _next(self, member: int) -> None:
         waiting = self._waiting[member]
@@ -209,8 +218,7 @@ class AdminCommands:
             run, later = waiting.pop(0)
             result = run()
             if isinstance(result, Pending):
-                result.then(lambda p, later=later: (later.resolve(p.result()),
-                                                    self._next(member)))
+                result.then(lambda p, later=later: self._done_then_next(member, p, later))
                 return
             later.resolve(result)
         del self._waiting[member]

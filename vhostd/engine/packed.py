@@ -176,6 +176,8 @@ class PackedVirtqueue(SplitVirtqueue):
                 pos -= num
                 self.avail_wrap ^= 1
             self.last_avail_idx = pos
+            if self._by_id and buf_id in self._by_id:
+                raise RingError(f"buffer id {buf_id} made available again while in flight")
             if inflight is not None:
                 inflight.take(slot, count, desc)
             n = handler(buf_id, readable, writable)
@@ -200,8 +202,6 @@ class PackedVirtqueue(SplitVirtqueue):
                 self._mark_writes(written)
             self._order.append([buf_id, count, n])
             return
-        if buf_id in self._by_id:
-            raise RingError(f"buffer id {buf_id} made available again while in flight")
         entry: list[int | None] = [buf_id, count, None]
         self._order.append(entry)
         self._by_id[buf_id] = entry
@@ -428,6 +428,8 @@ class PackedVirtqueue(SplitVirtqueue):
                 if 16 * count != len(saved):
                     raise RingError(f"saved chain at slot {slot} ends after {count} of "
                                     f"{len(saved) // 16} descriptors")
+                if buf_id in self._by_id:
+                    raise RingError(f"buffer id {buf_id} in flight twice")
                 n = self.handler(buf_id, readable, writable)
                 if n >= 0 and not self._order:
                     self._mark_writes(written)

@@ -47,6 +47,12 @@ MAX_FDS = 250  # below the kernel's SCM_MAX_FD (253)
 MAX_MESSAGE = 16 << 20
 _ANC_SPACE = anc_space(MAX_FDS)
 PR_SET_PDEATHSIG = 1
+# How long the main process waits for an answer before it takes the worker for dead
+# (killed; the main process serves its rings from then on, as after a back-end
+# restart). A recall waits for requests still at the storage, which may be retrying a
+# network server for a while; the other calls answer at once.
+ANSWER_TIMEOUT = 10.0
+RECALL_TIMEOUT = 60.0
 
 Answer = Callable[[dict[str, Any]], None]
 
@@ -125,7 +131,7 @@ class WorkerProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_exit: Callable[[WorkerProcess], None] | None = None
         self._reader = _Reader()
-        self._answers: dict[int, Answer] = {}
+        self._answers: dict[int, tuple[Answer, asyncio.TimerHandle | None]] = {}
         self._next_id = 1
         self._out: collections.deque[tuple[bytes, list[int]]] = collections.deque()
         self._writing = False
@@ -142,19 +148,35 @@ class WorkerProcess:
         loop.add_reader(self.sock.fileno(), self._readable)
 
     # ---- calls ------------------------------------------------------------------------
-    def _call(self, msg: dict[str, Any], fds: list[int], answer: Answer) -> None:
+    def _call(self, msg: dict[str, Any], fds: list[int], answer: Answer,
+              timeout: float = ANSWER_TIMEOUT) -> None:
         if self.dead:
             answer({"error": f"worker {self.name} is not running"})
             return
         if len(fds) > MAX_FDS:
             answer({"error": f"{len(fds)} fds in one message (at most {MAX_FDS})"})
             return
-        msg["id"] = self._next_id
-        self._answers[self._next_id] = answer
-        self._next_id += 1
         # Our own copies: the caller may close its fds before the message leaves.
-        self._out.append((encode(msg), [os.dup(fd) for fd in fds]))
+        copies: list[int] = []
+        try:
+            for fd in fds:
+                copies.append(os.dup(fd))
+        except OSError as e:
+            close_fds(copies)
+            answer({"error": f"cannot pass the fds: {e.strerror}"})
+            return
+        call_id = self._next_id
+        self._next_id += 1
+        msg["id"] = call_id
+        timer = (self._loop.call_later(timeout, self._late, call_id, msg["op"], timeout)
+                 if self._loop is not None else None)
+        self._answers[call_id] = (answer, timer)
+        self._out.append((encode(msg), copies))
         self._flush()
+
+    def _late(self, call_id: int, op: str, timeout: float) -> None:
+        if call_id in self._answers:
+            self._died(f"no answer to {op} within {timeout:.0f} s")
 
     def run(self, key: str, spec: Spec, fds: list[int],
             done: Callable[[str | None], None]) -> None:
@@ -164,7 +186,7 @@ class WorkerProcess:
     def recall(self, keys: list[str],
                done: Callable[[dict[str, Spec] | None, str | None], None]) -> None:
         self._call({"op": "recall", "keys": keys}, [],
-                   lambda reply: done(reply.get("rings"), reply.get("error")))
+                   lambda reply: done(reply.get("rings"), reply.get("error")), RECALL_TIMEOUT)
 
     def stats(self, keys: list[str],
               done: Callable[[dict[str, Spec] | None, str | None], None]) -> None:
@@ -213,10 +235,13 @@ class WorkerProcess:
             return
         for reply, fds in messages:
             close_fds(fds)
-            answer = self._answers.pop(reply.get("id", 0), None)
-            if answer is None:
+            entry = self._answers.pop(reply.get("id", 0), None)
+            if entry is None:
                 log.warning("queue worker %s answered a call nobody made", self.name)
                 continue
+            answer, timer = entry
+            if timer is not None:
+                timer.cancel()
             try:
                 answer(reply)
             except Exception:
@@ -237,7 +262,9 @@ class WorkerProcess:
         self._out.clear()
         self._reader.close()
         answers, self._answers = self._answers, {}
-        for answer in answers.values():
+        for answer, timer in answers.values():
+            if timer is not None:
+                timer.cancel()
             answer({"error": f"worker {self.name} is gone ({why})"})
         if self._on_exit is not None:
             self._on_exit(self)
@@ -321,7 +348,9 @@ class EpollLoop:
                     log.exception("internal error in a scheduled callback")
 
 
-class Worker:
+class WorkerMain:
+    """The worker process's side of the channel: the rings it serves."""
+
     def __init__(self, loop: EpollLoop, sock: socket.socket) -> None:
         from ..devices.registry import device_from_spec
 
@@ -414,7 +443,7 @@ def main(argv: list[str]) -> int:
                         format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
     loop = EpollLoop()
     sock = socket.socket(fileno=fd)
-    worker = Worker(loop, sock)
+    worker = WorkerMain(loop, sock)
     try:
         loop.run_forever()
     finally:

@@ -235,12 +235,17 @@ class VhostUserHandler:
         rings = (range(len(self.queues)) if scope is RingScope.ALL
                  else [msg.ring] if scope is RingScope.ONE and msg.ring is not None else [])
         home = self.placement.hold(rings)
-        result = after(home, lambda _: self._run(handler, msg, protocol))
+        try:
+            result = after(home, lambda _: self._run(handler, msg, protocol))
+        except BaseException:
+            self._release(rings)
+            raise
         if isinstance(result, Pending):
             out: Pending[Reply] = Pending()
 
             def finish(p: Pending[Reply]) -> None:
-                self.placement.release(rings)
+                # The reply is due whatever happens when the rings leave again.
+                self._release(rings)
                 try:
                     out.resolve(p.result())
                 except Exception as e:
@@ -248,8 +253,16 @@ class VhostUserHandler:
 
             result.then(finish)
             return out
-        self.placement.release(rings)
+        self._release(rings)
         return result
+
+    def _release(self, rings: range | list[int]) -> None:
+        """End a hold; a failure to send a ring away again is logged, never lost in a
+        callback (the ring is then served here)."""
+        try:
+            self.placement.release(rings)
+        except Exception:
+            self.log.exception("internal error sending rings back to their worker")
 
     def _run(self, handler: Callable[[Message], Result | Pending[Result]], msg: Message,
              protocol: BackendProtocol) -> Reply | Pending[Reply]:
@@ -440,9 +453,19 @@ class VhostUserHandler:
             except RingError as e:
                 q.fail(str(e))
 
-    def _on_set_vring_kick(self, msg: Message) -> None:
+    def _on_set_vring_kick(self, msg: Message) -> Any:
         q = self.queues[msg.ring]  # type: ignore[index]
-        self._set_kick(q, msg.fd)
+        if q.outstanding:
+            # A restart of a running ring: its requests still at the device complete
+            # first, or the inflight region would hand them to the device again.
+            fd = msg.fd
+            return self._quiet([q], lambda: self._start_ring(q, fd))
+        self._start_ring(q, msg.fd)
+        return None
+
+    def _start_ring(self, q: SplitVirtqueue, fd: int | None) -> None:
+        q.quiescing = False
+        self._set_kick(q, fd)
         self._attach_inflight(q)
         if self.paused:
             self.log.warning("%s starts, but its owner has stopped this member: it is served "

@@ -65,11 +65,15 @@ class Member:
         Pending); the rings may leave again after it."""
         rings = self._everything()
         placement = self.handler.placement
-        result = after(placement.hold(rings), lambda _: work())
+        try:
+            result = after(placement.hold(rings), lambda _: work())
+        except BaseException:
+            self.handler._release(rings)
+            raise
         if isinstance(result, Pending):
-            result.then(lambda _: placement.release(rings))
+            result.then(lambda _: self.handler._release(rings))
         else:
-            placement.release(rings)
+            self.handler._release(rings)
         return result
 
     def set_mode(self, mode: MemberMode) -> Pending[None] | None:
@@ -92,6 +96,11 @@ class Member:
                 i += 1
                 waiting = self._step(step)
                 if waiting is not None:
+                    if step is Step.QUIESCE:
+                        # The member's front end may reset the device while the stop
+                        # waits (a reset unpauses it): stop it again then.
+                        return waiting.map(lambda _, i=i: run_from(
+                            i if self.handler.paused else i - 1))
                     return waiting.map(lambda _, i=i: run_from(i))
             self.mode = outcome.mode
             if before is not outcome.mode:

@@ -160,17 +160,31 @@ class RingPlacement:
 
     def _send(self, worker: Worker, q: SplitVirtqueue) -> None:
         i = q.index
-        spec, fds = self.source.ring_spec(q)
-        self._in_worker[i] = True
-        self.update_watch(q)
+        refused: list[str] = []
+        sent = False
 
         def done(error: str | None) -> None:
-            if error is not None and self._in_worker[i] and self._returning[i] is None:
+            if error is None:
+                return
+            if not sent:
+                refused.append(error)  # answered before run() returned
+            elif self._in_worker[i] and self._returning[i] is None:
                 # Refused: this process serves the ring from now on.
                 self._in_worker[i] = False
                 self._lose(i, error)
 
-        worker.run(self._key(i), spec, fds, done)
+        try:
+            spec, fds = self.source.ring_spec(q)
+            worker.run(self._key(i), spec, fds, done)
+        except Exception as e:
+            log.exception("%s: cannot hand the ring to worker %s", q.name, worker.name)
+            refused.append(f"cannot send it the ring: {e}")
+        sent = True
+        if refused:
+            self._lose(i, refused[0])
+            return
+        self._in_worker[i] = True
+        self.update_watch(q)
 
     # ---- losing a worker ------------------------------------------------------------
     def worker_died(self, worker: Worker) -> None:
