@@ -149,7 +149,7 @@ class WorkerProcess:
 
     # ---- calls ------------------------------------------------------------------------
     def _call(self, msg: dict[str, Any], fds: list[int], answer: Answer,
-              timeout: float = ANSWER_TIMEOUT) -> None:
+              timeout: float | None = None) -> None:
         if self.dead:
             answer({"error": f"worker {self.name} is not running"})
             return
@@ -165,6 +165,8 @@ class WorkerProcess:
             close_fds(copies)
             answer({"error": f"cannot pass the fds: {e.strerror}"})
             return
+        if timeout is None:
+            timeout = ANSWER_TIMEOUT
         call_id = self._next_id
         self._next_id += 1
         msg["id"] = call_id
