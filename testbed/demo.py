@@ -28,10 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-from vhostd.engine.parts import decode_parts
 from vhostd.frontend.admin import AdminDriver
 from vhostd.tools.admin_cli import describe_part
 from vhostd.tools.migrate import MigrationError, OwnerMove, migrate
+from vhostd_proto.device_parts import decode_parts
 
 from .guest import build_guest
 from .qemu import GuestVM

@@ -108,6 +108,14 @@ class NotifySocket:
         text = self.sock.recv(4096).decode()
         return dict(line.split("=", 1) for line in text.splitlines())
 
+    def wait_for(self, key: str, timeout: float = 15.0) -> dict[str, str]:
+        """The next message carrying ``key`` (STATUS-only updates come in between)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.next(max(0.01, deadline - time.monotonic()))
+            if key in msg:
+                return msg
+
     def nothing(self, wait: float) -> bool:
         self.sock.settimeout(wait)
         try:
@@ -167,17 +175,19 @@ def test_socket_activation_serves_a_front_end(tmp_path: Path, sparse_image,
         assert notify.nothing(0.5)
         data = os.urandom(8192)
         with BlkFrontend(sock, timeout=15) as fe:
-            ready = notify.next()
+            ready = notify.wait_for("READY")
             assert ready["READY"] == "1"
             assert ready["STATUS"] == "serving blk0 on fd 3"
+            assert notify.wait_for("STATUS")["STATUS"] == "1 of 1 front end(s) connected"
             fe.write(8, data)
             fe.flush()
             assert fe.read(8, len(data)) == data
         with open(image, "rb") as f:
             f.seek(8 * 512)
             assert f.read(len(data)) == data
+        assert notify.wait_for("STATUS")["STATUS"] == "0 of 1 front end(s) connected"
         proc.send_signal(signal.SIGTERM)
-        assert notify.next()["STOPPING"] == "1"
+        assert notify.wait_for("STOPPING")["STOPPING"] == "1"
     finally:
         log = _stop(proc)
     assert proc.returncode == 0, log
@@ -197,7 +207,7 @@ def test_socket_activation_of_an_owner_and_members(tmp_path: Path, sparse_image,
         f"--member=blk-file={sparse_image(name='c.img')}"])
     try:
         get_features(owner)  # starts vhostd
-        assert notify.next()["READY"] == "1"
+        assert notify.wait_for("READY")["READY"] == "1"
         for s in (m1, m2, m3):
             assert get_features(s) & (1 << 32)
     finally:
@@ -231,7 +241,7 @@ def test_ready_only_once_the_socket_accepts(tmp_path: Path, sparse_image,
                             env={**os.environ, "NOTIFY_SOCKET": str(notify.path)},
                             stderr=subprocess.PIPE, text=True)
     try:
-        ready = notify.next()
+        ready = notify.wait_for("READY")
         assert ready["READY"] == "1" and str(sock) in ready["STATUS"]
         assert get_features(sock) & (1 << 32)
     finally:

@@ -20,14 +20,15 @@ from .core import events
 from .devices.backing import FileBackend
 from .devices.blk import BlkDevice, BlkOptions
 from .devices.owner import OwnerDevice
-from .discovery import CAPABILITIES, descriptor
-from .engine.backend import VhostUserBackend
 from .engine.inflight import CHECK_ENV
 from .engine.virtqueue import KICK_WAIT_DEFAULT_US, KICK_WAIT_ENV
 from .shell.daemon import Daemon, Endpoint
+from .shell.discovery import CAPABILITIES, descriptor
 from .shell.server import StartupError, adopt_listening_fd, bind_unix
 from .shell.systemd import ActivationError, ListenFds, Notifier, listen_fds
 from .shell.worker import WorkerProcess
+from .vhost_user.handler import VhostUserHandler
+from .vhost_user.member import Member
 
 
 def _number(text: str) -> int:
@@ -273,7 +274,7 @@ def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
     if not args.member:
         assert disk is not None
         sock, path = _listen(args)
-        return [Endpoint(VhostUserBackend(disk, loop), sock, path)]
+        return [Endpoint(VhostUserHandler(disk, loop), sock, path)]
     members = []
     for i, spec in enumerate(args.member, start=1):
         device = _blk_device(f"member{i}", spec.blk_file, spec.read_only, BlkOptions(
@@ -281,19 +282,19 @@ def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
             logical_block_size=args.logical_block_size, serial=spec.serial,
             writeback=not args.writethrough,
         ), args.state_dir)
-        members.append(VhostUserBackend(device, loop))
-    owner = VhostUserBackend(OwnerDevice(members, disk), loop)
+        members.append(VhostUserHandler(device, loop))
+    owner = VhostUserHandler(OwnerDevice([Member(m) for m in members], disk), loop)
     try:
         sock, path = _listen(args)
         endpoints.append(Endpoint(owner, sock, path))
         activated = 1
-        for spec, backend in zip(args.member, members, strict=True):
+        for spec, handler in zip(args.member, members, strict=True):
             if not spec.socket_path:
-                endpoints.append(Endpoint(backend, _adopt_activated(args.listen, activated),
+                endpoints.append(Endpoint(handler, _adopt_activated(args.listen, activated),
                                           None))
                 activated += 1
                 continue
-            endpoints.append(Endpoint(backend, bind_unix(spec.socket_path, args.socket_mode,
+            endpoints.append(Endpoint(handler, bind_unix(spec.socket_path, args.socket_mode,
                                                          args.socket_group),
                                       spec.socket_path))
     except StartupError:
@@ -308,8 +309,8 @@ def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
 def _start_workers(args: argparse.Namespace, endpoints: list[Endpoint]
                    ) -> list[WorkerProcess]:
     """Start the queue workers and deal every request queue to a process."""
-    backends = [ep.backend for ep in endpoints if hasattr(ep.backend.device, "offload_spec")]
-    total = sum(b.device.num_queues for b in backends)
+    handlers = [ep.handler for ep in endpoints if hasattr(ep.handler.device, "worker_spec")]
+    total = sum(h.device.num_queues for h in handlers)
     n = args.queue_workers
     if n is None:
         # Half the CPUs are left to the guests' vCPUs and QEMU: on a 2-CPU host a TCG
@@ -328,12 +329,12 @@ def _start_workers(args: argparse.Namespace, endpoints: list[Endpoint]
         raise StartupError(f"cannot start a queue worker: {e.strerror}") from e
     slots: list[WorkerProcess | None] = [None, *workers]
     k = 0
-    for backend in backends:
-        hosts = []
-        for _ in range(backend.device.num_queues):
-            hosts.append(slots[k % len(slots)])
+    for handler in handlers:
+        assigned = []
+        for _ in range(handler.device.num_queues):
+            assigned.append(slots[k % len(slots)])
             k += 1
-        backend.set_hosts(hosts)  # type: ignore[arg-type]
+        handler.placement.assign(assigned)  # type: ignore[arg-type]
     logging.getLogger("vhostd").info(
         "%d queue worker(s) (pids %s) serve %d of %d request queues", n,
         " ".join(str(w.pid) for w in workers), total - (total + n) // (n + 1), total)
@@ -412,7 +413,7 @@ async def _serve(daemon: Daemon, notifier: Notifier, endpoints: list[Endpoint],
                  pidfile: str | None) -> None:
     """Run the daemon; once every socket accepts and SIGTERM is handled, write the pid
     file and tell systemd; tell it again when the daemon stops."""
-    names = [ep.backend.device.name for ep in endpoints]
+    names = [ep.handler.device.name for ep in endpoints]
     where = ", ".join(f"{name} on {ep.path or f'fd {ep.sock.fileno()}'}"
                       for name, ep in zip(names, endpoints, strict=True))
 

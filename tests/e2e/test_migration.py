@@ -20,10 +20,10 @@ import pytest
 
 from testbed.guest import GuestImage
 from testbed.qemu import MIGRATION_MEMORY, GuestVM, VhostUserBlkDisk
-from vhostd.engine.parts import decode_parts
 from vhostd.frontend.admin import AdminDriver
 from vhostd.tools.migrate import MigrationError, OwnerMove, migrate
 from vhostd.tools.parts_stream import read_records
+from vhostd_proto.device_parts import decode_parts
 from vhostd_proto.virtio_admin import PartType
 
 pytestmark = pytest.mark.e2e

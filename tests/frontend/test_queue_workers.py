@@ -450,14 +450,14 @@ def test_sigusr1_logs_every_ring_with_exact_positions(
     def report(vq: int, n: int, where: str) -> str:
         return (rf"state: blk0/vq{vq}: running, size \d+, next avail {n}, next used {n} "
                 rf"\(guest memory: avail.idx {n}, used.idx {n}\), served {n}, "
-                rf"kicks [1-9]\d*{where}\n")
+                rf"kicks [1-9]\d*, outstanding 0{where}\n")
 
     p.proc.send_signal(signal.SIGUSR1)
-    # vq1 is in the worker: its numbers come back with it for the report.
+    # vq1 is in the worker, which reports it where it runs.
     wait_for(lambda: re.search(report(1, 13, ", in worker1"), p.log) is not None, "vq1's line")
     assert re.search(report(0, 7, ""), p.log), p.log
     assert "state: a front end connected" in p.log
-    # The ring went back to the worker, and goes on from where it was.
+    # The ring stayed in the worker, and goes on from where it was.
     fe.read(0, BLOCK, q=1)
     p.proc.send_signal(signal.SIGUSR1)
     wait_for(lambda: re.search(report(1, 14, ", in worker1"), p.log) is not None, "vq1 again")
@@ -580,3 +580,43 @@ def test_members_in_workers_move_and_serve(short_dir: Path, vhostd: Callable[...
             assert not set(stalled) & set(disk.outstanding)
         disk.verify(0)
     assert "worker worker" not in p.log  # no worker failed
+
+
+def test_a_slow_worker_holds_up_nobody_else(short_dir: Path, vhostd: Callable[..., Any],
+                                            sparse_image: Callable[..., Path],
+                                            frontends: Callable[..., BlkFrontend]) -> None:
+    """Member 2's ring is in the worker, which is stopped (SIGSTOP) for a second while
+    member 2's front end asks for the ring's base (the ring must come home first). The
+    owner's admin queue and member 1's front end are answered meanwhile, at once."""
+    image = sparse_image(DISK, "shared.img")
+    p = vhostd(f"--member=socket-path={short_dir}/m1.sock,blk-file={image}",
+               f"--member=socket-path={short_dir}/m2.sock,blk-file={image}",
+               "--queue-workers=1", socket_path=short_dir / "o.sock")
+    pid = one_worker(p)  # member 1 in the main process, member 2 in the worker
+    fe1 = frontends(short_dir / "m1.sock", num_queues=1)
+    fe2 = frontends(short_dir / "m2.sock", num_queues=1)
+    fe2.write(0, rand(BLOCK))
+    with AdminDriver(short_dir / "o.sock") as admin:
+        admin.activate()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: state(pid) == "T", "worker stopped")
+            fe2.client.request(0xB, struct.pack("<II", 0, 0))  # GET_VRING_BASE, ring 0
+            time.sleep(0.1)  # the daemon has asked the worker for the ring by now
+            t0 = time.monotonic()
+            assert admin.member_count() == 2
+            fe1.client.get_features()
+            fe1.write(8, rand(BLOCK))
+            admin.stop(1)
+            admin.resume(1)
+            answered = time.monotonic() - t0
+            fe2.client.sock.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                fe2.client.recv_message()  # still waiting for the worker
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        fe2.client.sock.settimeout(TIMEOUT)
+        _req, _flags, payload, _fds = fe2.client.recv_message()
+        assert struct.unpack("<II", payload) == (0, 1)  # ring 0 had taken one chain
+    assert answered < 0.5, f"the others waited {answered:.3f} s for the stopped worker"

@@ -12,7 +12,7 @@ from unit_support import IMAGE_SIZE, GuestRam, make_info, negotiate
 from vhostd.core.protocol import BackendProtocol, DeviceInfo
 from vhostd.devices.backing import FileBackend
 from vhostd.devices.blk import BlkDevice, BlkOptions
-from vhostd.engine.backend import PROTOCOL_FEATURES
+from vhostd.vhost_user.handler import PROTOCOL_FEATURES
 from vhostd_proto.vhost_user import ProtocolFeature as PF
 
 

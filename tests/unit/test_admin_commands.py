@@ -1,6 +1,7 @@
 """The owner's admin command set (vhostd/devices/owner.py ``AdminCommands``) on real members.
 
-Each member is a real ``VhostUserBackend`` over a ``BlkDevice`` on a temporary image; one
+Each member is a real ``Member`` of a ``VhostUserHandler`` over a ``BlkDevice`` on a
+temporary image; one
 test group also connects a member to test-owned guest RAM (unit_support.GuestRam) through
 the protocol core, so its parts carry live ring state. Commands and expected results are
 written with plain ``struct`` from the reference layouts (virtio-admin-migration.md
@@ -31,10 +32,12 @@ from unit_support import (
     vring_fd,
 )
 
+from vhostd.core.member import MemberMode
 from vhostd.devices.backing import FileBackend
 from vhostd.devices.blk import BlkDevice, BlkOptions
 from vhostd.devices.owner import DEV_PARTS_OBJECTS_LIMIT, AdminCommands, OwnerDevice
-from vhostd.engine.backend import MemberMode, VhostUserBackend
+from vhostd.vhost_user.handler import VhostUserHandler
+from vhostd.vhost_user.member import Member
 from vhostd_proto.vhost_user import Request as R
 
 # ---- constants, written from the reference tables ----------------------------------
@@ -140,7 +143,8 @@ def replace(parts: list[Parsed], ptype: int, value: bytes,
 
 
 class Watcher:
-    """FdWatcher stub: remembers readers so a test can deliver a kick."""
+    """Loop stub: remembers readers so a test can deliver a kick; runs ``call_soon``
+    callbacks at once."""
 
     def __init__(self) -> None:
         self.readers: dict[int, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
@@ -150,6 +154,9 @@ class Watcher:
 
     def remove_reader(self, fd: int) -> None:
         self.readers.pop(fd, None)
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
+        callback(*args)
 
     def kick(self, fd: int) -> None:
         os.eventfd_write(fd, 1)
@@ -165,7 +172,7 @@ def watcher() -> Watcher:
 
 
 @pytest.fixture
-def members(tmp_path: Path, watcher: Watcher) -> Iterator[list[VhostUserBackend]]:
+def members(tmp_path: Path, watcher: Watcher) -> Iterator[list[Member]]:
     """Three blk members; the third has two queues."""
     out = []
     for i, nq in ((1, 1), (2, 1), (3, 2)):
@@ -174,12 +181,12 @@ def members(tmp_path: Path, watcher: Watcher) -> Iterator[list[VhostUserBackend]
             f.truncate(IMAGE)
         dev = BlkDevice(f"member{i}", FileBackend(str(path)),
                         BlkOptions(num_queues=nq, queue_size=16))
-        out.append(VhostUserBackend(dev, watcher))
+        out.append(Member(VhostUserHandler(dev, watcher)))
     yield out
-    for b in out:
-        if b.protocol is not None:
-            b.disconnect()
-        b.device.close()
+    for m in out:
+        if m.handler.protocol is not None:
+            assert m.handler.disconnect() is None
+        m.handler.device.close()
 
 
 class Admin:
@@ -241,7 +248,7 @@ class Admin:
 
 
 @pytest.fixture
-def admin(members: list[VhostUserBackend]) -> Admin:
+def admin(members: list[Member]) -> Admin:
     return Admin(AdminCommands(members))
 
 
@@ -266,7 +273,7 @@ RING = 16
 class Guest:
     """Drives queue 0 of one member the way QEMU and a guest driver would."""
 
-    def __init__(self, backend: VhostUserBackend, ram: GuestRam, watcher: Watcher,
+    def __init__(self, backend: VhostUserHandler, ram: GuestRam, watcher: Watcher,
                  eventfd: Callable[[], int]) -> None:
         self.backend = backend
         self.ram = ram
@@ -321,10 +328,10 @@ class Guest:
 
 
 @pytest.fixture
-def guest(members: list[VhostUserBackend], ram: GuestRam, watcher: Watcher,
+def guest(members: list[Member], ram: GuestRam, watcher: Watcher,
           eventfd: Callable[[], int]) -> Guest:
     """Member 1 connected and running queue 0, four writes done."""
-    g = Guest(members[0], ram, watcher, eventfd)
+    g = Guest(members[0].handler, ram, watcher, eventfd)
     for k in range(4):
         g.write(k, 0x10 + k)
     g.kick()
@@ -632,7 +639,7 @@ def _stopped_member_parts(a: Admin, member: int = 1) -> list[Parsed]:
 
 
 def test_parts_set_on_a_running_member_is_ebusy(active: Admin,
-                                                members: list[VhostUserBackend]) -> None:
+                                                members: list[Member]) -> None:
     parts = join(active.parts(1))
     active.create(1, 2, SET)
     active.err((EBUSY, Q_INVALID_COMMAND), PARTS_SET, SRIOV, 1, obj_hdr(2) + parts)
@@ -715,7 +722,7 @@ def _sample_parts() -> list[Parsed]:
 
 @pytest.mark.parametrize("name", _bad_ids())
 def test_bad_part_list_is_invalid_field_and_stages_nothing(
-        active: Admin, members: list[VhostUserBackend], guest: Guest, name: str) -> None:
+        active: Admin, members: list[Member], guest: Guest, name: str) -> None:
     before = _stopped_member_parts(active)
     assert [t for t, *_ in before] == [t for t, *_ in _sample_parts()]
     # Every list also carries valid changes (write cache off, another status), so a
@@ -730,17 +737,17 @@ def test_bad_part_list_is_invalid_field_and_stages_nothing(
     active.mode(1, RESUME)
     assert guest.ring_bytes() == ring
     assert active.parts(1) == before
-    assert members[0].device.wce == 1
+    assert members[0].handler.device.wce == 1
 
 
 def test_failed_set_keeps_an_earlier_successful_set(active: Admin,
-                                                    members: list[VhostUserBackend]) -> None:
+                                                    members: list[Member]) -> None:
     p = _stopped_member_parts(active, 2)
     active.ok(CREATE, SRIOV, 2, create_data(1, SET))
     active.ok(PARTS_SET, SRIOV, 2, obj_hdr(1) + join(replace(p, WCE, b"\x00")))
     bad = join(replace(p, DEVICE_STATUS, b"\x0f")) + part(0x1FF, b"")
     active.err(_field(), PARTS_SET, SRIOV, 2, obj_hdr(1) + bad)
-    assert members[1].device.wce == 1  # not before resume
+    assert members[1].handler.device.wce == 1  # not before resume
     active.mode(2, RESUME)
     after = active.parts(2)
     assert value_of(after, WCE) == b"\x00"
@@ -749,7 +756,7 @@ def test_failed_set_keeps_an_earlier_successful_set(active: Admin,
 
 @pytest.mark.parametrize(("ptype", "length"), [(VQ_CFG, 32), (VQ_STATE, 8)])
 def test_duplicate_part_with_dirty_selector_reserved_bytes_is_rejected(
-        active: Admin, members: list[VhostUserBackend], ptype: int, length: int) -> None:
+        active: Admin, members: list[Member], ptype: int, length: int) -> None:
     p = _stopped_member_parts(active, 1)
     dirty = vq(0)[:2] + b"\x01" + bytes(5)  # queue 0, reserved byte set
     value = (struct.pack("<HHHHQQQ", 16, 0, 1, 0, 0x1000, 0x2000, 0x3000)
@@ -762,7 +769,7 @@ def test_duplicate_part_with_dirty_selector_reserved_bytes_is_rejected(
 
 
 def test_unknown_optional_parts_are_ignored(active: Admin,
-                                            members: list[VhostUserBackend]) -> None:
+                                            members: list[Member]) -> None:
     p = _stopped_member_parts(active, 2)
     data = (part(0x1FE, b"\xaa" * 3, flags=OPTIONAL)
             + join(replace(p, WCE, b"\x00"))
@@ -770,7 +777,7 @@ def test_unknown_optional_parts_are_ignored(active: Admin,
     assert active.set_parts(2, data) == (OK, Q_OK)
     active.mode(2, RESUME)
     assert value_of(active.parts(2), WCE) == b"\x00"
-    assert members[1].device.wce == 0
+    assert members[1].handler.device.wce == 0
 
 
 def test_dev_features_part_is_checked_not_applied(active: Admin) -> None:
@@ -868,7 +875,7 @@ def test_get_selected_returns_the_named_parts_in_canonical_order(active: Admin) 
 
 
 @pytest.mark.parametrize("flags", [0x02, 0x04, 0x05, 0x80, 0xFF])
-def test_mode_set_invalid_flags(active: Admin, members: list[VhostUserBackend],
+def test_mode_set_invalid_flags(active: Admin, members: list[Member],
                                 flags: int) -> None:
     active.err(_field(), MODE_SET, SRIOV, 1, bytes([flags]))
     assert members[0].mode is MemberMode.RUNNING
@@ -877,7 +884,7 @@ def test_mode_set_invalid_flags(active: Admin, members: list[VhostUserBackend],
     assert members[0].mode is MemberMode.STOPPED
 
 
-def test_mode_set_with_no_data_resumes(active: Admin, members: list[VhostUserBackend]) -> None:
+def test_mode_set_with_no_data_resumes(active: Admin, members: list[Member]) -> None:
     active.mode(2, STOP)
     assert members[1].mode is MemberMode.STOPPED
     active.ok(MODE_SET, SRIOV, 2)  # truncated data reads as zero: resume
@@ -887,7 +894,7 @@ def test_mode_set_with_no_data_resumes(active: Admin, members: list[VhostUserBac
     assert members[1].mode is MemberMode.RUNNING
 
 
-def test_stop_and_resume_are_idempotent(active: Admin, members: list[VhostUserBackend],
+def test_stop_and_resume_are_idempotent(active: Admin, members: list[Member],
                                         guest: Guest) -> None:
     for _ in range(2):
         active.mode(1, STOP)
@@ -918,7 +925,7 @@ def test_stopped_member_touches_no_guest_memory_and_resumes_kicks(
     assert eventfd_count(guest.call_fd) == 1
 
 
-def test_freeze_snapshots_the_parts(active: Admin, members: list[VhostUserBackend],
+def test_freeze_snapshots_the_parts(active: Admin, members: list[Member],
                                     guest: Guest) -> None:
     active.mode(1, FREEZE)
     assert members[0].mode is MemberMode.FROZEN
@@ -926,7 +933,7 @@ def test_freeze_snapshots_the_parts(active: Admin, members: list[VhostUserBacken
     assert value_of(snap, WCE) == b"\x01"
     # the driver writes the config while frozen: the parts stay the snapshot
     guest.send(frame(R.SET_CONFIG, struct.pack("<III", 32, 1, 0) + b"\x00"))
-    assert members[0].device.wce == 0
+    assert members[0].handler.device.wce == 0
     assert active.parts(1) == snap
     # freezing again, or stopping and freezing, is fine
     active.mode(1, FREEZE)
@@ -948,15 +955,15 @@ def test_stopped_but_not_frozen_parts_follow_the_driver(active: Admin, guest: Gu
     active.mode(1, RESUME)
 
 
-def test_parts_take_effect_at_resume(active: Admin, members: list[VhostUserBackend],
+def test_parts_take_effect_at_resume(active: Admin, members: list[Member],
                                      guest: Guest) -> None:
     p = _stopped_member_parts(active, 1)
     active.mode(2, STOP)
     assert active.set_parts(2, join(replace(p, WCE, b"\x00"))) == (OK, Q_OK)
-    assert members[1].device.wce == 1 and members[1].features == 0
+    assert members[1].handler.device.wce == 1 and members[1].handler.features == 0
     active.mode(2, RESUME)
     q2 = active.parts(2)
-    assert members[1].device.wce == 0
+    assert members[1].handler.device.wce == 0
     assert value_of(q2, DRV_FEATURES) == value_of(p, DRV_FEATURES)
     assert value_of(q2, DEVICE_STATUS) == value_of(p, DEVICE_STATUS)
     assert value_of(q2, VQ_CFG, vq(0)) == value_of(p, VQ_CFG, vq(0))
@@ -969,7 +976,7 @@ def test_parts_take_effect_at_resume(active: Admin, members: list[VhostUserBacke
 
 
 def test_member_reset_returns_parts_to_defaults_and_the_member_running(
-        active: Admin, members: list[VhostUserBackend], guest: Guest) -> None:
+        active: Admin, members: list[Member], guest: Guest) -> None:
     defaults = active.parts(2)  # member 2 was never connected: default parts
     guest.send(frame(R.SET_CONFIG, struct.pack("<III", 32, 1, 0) + b"\x00"))
     live = _stopped_member_parts(active, 1)
@@ -984,17 +991,17 @@ def test_member_reset_returns_parts_to_defaults_and_the_member_running(
     assert active.parts(1) == defaults
 
 
-def test_member_reset_while_frozen(active: Admin, members: list[VhostUserBackend],
+def test_member_reset_while_frozen(active: Admin, members: list[Member],
                                    guest: Guest) -> None:
     defaults = active.parts(2)
     active.mode(1, FREEZE)
-    members[0]._on_reset_device(None)  # type: ignore[arg-type]  # the reset path itself
+    members[0].handler._on_reset_device(None)  # type: ignore[arg-type]  # the reset path itself
     assert members[0].mode is MemberMode.RUNNING
     assert active.parts(1) == defaults
 
 
 def test_owner_reset_destroys_objects_caps_and_reblocks_opcodes(
-        active: Admin, members: list[VhostUserBackend]) -> None:
+        active: Admin, members: list[Member]) -> None:
     active.create(1, 0, GET)
     active.create(2, 1, SET)
     active.mode(2, STOP)
@@ -1016,7 +1023,7 @@ def test_owner_reset_destroys_objects_caps_and_reblocks_opcodes(
 
 
 def test_owner_device_reset_and_disconnect_reset_the_admin_state(
-        members: list[VhostUserBackend]) -> None:
+        members: list[Member]) -> None:
     owner = OwnerDevice(members)
     a = Admin(owner.commands)
     for clear in (owner.reset, owner.disconnected):

@@ -18,8 +18,8 @@ import pytest
 from construct import Construct
 from unit_support import plain
 
-from vhostd.engine.parts import Part, decode_parts, encode_parts, vq_selector
 from vhostd_proto import virtio_admin as va
+from vhostd_proto.device_parts import Part, decode_parts, encode_parts, vq_selector
 
 
 def h(text: str) -> bytes:

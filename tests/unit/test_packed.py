@@ -220,7 +220,7 @@ def test_indirect_table_ignores_next_flags(ring: PackedRing) -> None:
     assert not q.broken and rec.calls == [Call(1, [bytes(1)], [1])]
 
 
-def test_pending_completions_advance_by_their_own_chain_length(
+def test_completions_publish_in_take_order_by_their_own_chain_length(
         ring: PackedRing, fds: tuple[int, int]) -> None:
     call, _ = fds
     rec = Recorder(result=lambda buf_id: PENDING if buf_id == 1 else 9)
@@ -228,13 +228,48 @@ def test_pending_completions_advance_by_their_own_chain_length(
     one(ring, 1, 3)  # slots 0-2, completes later
     one(ring, 2, 1)  # slot 3, completes inline
     q.process()
-    # The device writes used descriptors in completion order at its next position.
-    assert ring.take_used() == [UsedDesc(0, 2, 9, USED_BOTH)]
-    assert q.used_idx == 1 and eventfd_count(call) == 1
+    # Chain 2 is done but waits for the older chain 1: nothing is published yet.
+    assert ring.take_used() == [] and q.used_idx == 0 and eventfd_count(call) == 0
+    assert q.outstanding == 1
     q.complete(1, 33)
-    assert ring.take_used() == [UsedDesc(1, 1, 33, USED_BOTH)]
-    assert q.used_idx == 4 == q.last_avail_idx
+    # Both, in take order, each advancing by its own chain's slots.
+    assert ring.take_used() == [UsedDesc(0, 1, 33, USED_BOTH), UsedDesc(3, 2, 9, USED_BOTH)]
+    assert q.used_idx == 4 == q.last_avail_idx and q.outstanding == 0
     assert eventfd_count(call) == 1
+
+
+def test_out_of_order_completions_wait_for_the_oldest(ring: PackedRing,
+                                                      fds: tuple[int, int]) -> None:
+    call, _ = fds
+    q = ring.queue(Recorder(result=PENDING), call_fd=call)
+    for buf_id in (1, 2, 3):
+        one(ring, buf_id)
+    q.process()
+    q.complete(3, 30)
+    q.complete(2, 20)
+    assert ring.take_used() == [] and eventfd_count(call) == 0
+    q.complete(1, 10)
+    assert [(u.id, u.len) for u in ring.take_used()] == [(1, 10), (2, 20), (3, 30)]
+    assert eventfd_count(call) == 1
+
+
+def test_a_buffer_id_made_available_twice_while_in_flight_stops_the_ring(
+        ring: PackedRing, fds: tuple[int, int]) -> None:
+    _, err = fds
+    rec = Recorder(result=PENDING)
+    q = ring.queue(rec, err_fd=err)
+    one(ring, 7)
+    one(ring, 7)
+    q.process()
+    assert q.broken and eventfd_count(err) == 1
+    # The device never saw the second one, so the count of outstanding requests is
+    # right and a stop finishes once the first completes.
+    assert rec.heads == [7] and q.outstanding == 1
+    idle: list[bool] = []
+    q.quiesce(lambda: idle.append(True))
+    assert not idle
+    q.complete(7, 1)
+    assert idle and q.outstanding == 0
 
 
 # ---- event suppression ----------------------------------------------------------------
@@ -395,8 +430,8 @@ def test_stop_returns_base_and_publishes(ring: PackedRing, fds: tuple[int, int])
     one(ring, 2, 4)  # slots 6, 7, 0, 1: the next position is slot 2 of lap 0
     q.process()
     assert eventfd_count(call) == 0
-    q.push_used(1, 5)  # completed, not published yet
-    q.push_used(2, 6)
+    q.complete(1, 5, publish=False)  # completed, not published yet
+    q.complete(2, 6, publish=False)
     assert eventfd_count(call) == 0
     assert q.stop() == q.base() == 0x0002_0002
     assert eventfd_count(call) == 1
@@ -431,7 +466,7 @@ def test_suspend_publishes_completed_work(ring: PackedRing, fds: tuple[int, int]
     q = ring.queue(Recorder(result=PENDING), call_fd=call)
     one(ring, 1)
     q.process()
-    q.push_used(1, 1)
+    q.complete(1, 1, publish=False)
     q.suspend()
     assert eventfd_count(call) == 1
 

@@ -40,7 +40,7 @@ from vhostd.core.protocol import (
     ProtocolError,
     RingPhase,
 )
-from vhostd.engine.backend import PROTOCOL_FEATURES
+from vhostd.vhost_user.handler import PROTOCOL_FEATURES
 from vhostd_proto.vhost_user import VHOST_USER_MAX_PAYLOAD
 from vhostd_proto.vhost_user import ProtocolFeature as PF
 from vhostd_proto.vhost_user import Request as R

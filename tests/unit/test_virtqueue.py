@@ -13,6 +13,8 @@ from unit_support import (
     F_NEXT,
     F_WRITE,
     Call,
+    FakeDevice,
+    FakeLoop,
     GuestRam,
     Recorder,
     Ring,
@@ -27,7 +29,6 @@ from unit_support import (
 )
 
 from vhostd.engine import virtqueue as virtqueue_mod
-from vhostd.engine.backend import VhostUserBackend
 from vhostd.engine.inflight import (
     CHECK_ENV,
     CheckedInflightQueue,
@@ -35,6 +36,7 @@ from vhostd.engine.inflight import (
     InflightRegion,
 )
 from vhostd.engine.virtqueue import KICK_AHEAD_MAX, PENDING, SplitVirtqueue
+from vhostd.vhost_user.handler import VhostUserHandler
 from vhostd_proto.inflight import InflightSplitRegion, inflight_queue_stride
 from vhostd_proto.vhost_user import Request as R
 
@@ -760,50 +762,10 @@ def test_ring_check_is_off_by_default(inflight_fd: int, monkeypatch: pytest.Monk
     region.close()
 
 
-# ---- resubmission after a back-end restart, through VhostUserBackend (reference 6.3) --
+# ---- resubmission after a back-end restart, through the vhost-user handler (reference 6.3) --
 
 
-class _Device:
-    """The smallest VirtioDevice: one queue of 8 served by a Recorder."""
-
-    name = "fake"
-    num_queues = 1
-    max_queue_size = QS
-
-    def __init__(self, rec: Recorder) -> None:
-        self.rec = rec
-
-    def device_features(self) -> int:
-        return 0
-
-    def make_handler(self, queue: SplitVirtqueue) -> Recorder:
-        return self.rec
-
-    def get_config(self, offset: int, size: int) -> bytes:
-        return bytes(size)
-
-    def set_config(self, offset: int, data: bytes, flags: int) -> None:
-        pass
-
-    def features_acked(self, features: int) -> None:
-        pass
-
-    def reset(self) -> None:
-        pass
-
-    def disconnected(self) -> None:
-        pass
-
-
-class _Watcher:
-    def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> None:
-        pass
-
-    def remove_reader(self, fd: int) -> None:
-        pass
-
-
-def _start_connection(backend: VhostUserBackend, ram: GuestRam, ring: Ring, inflight_fd: int,
+def _start_connection(backend: VhostUserHandler, ram: GuestRam, ring: Ring, inflight_fd: int,
                       base: int, eventfd: Callable[[], int]) -> None:
     """QEMU 7.2's start sequence for one queue (steps 1-19), bit 30 negotiated."""
     proto = backend.connect()
@@ -838,21 +800,20 @@ def test_backend_resubmits_after_reconnect(ring: Ring, ram: GuestRam, inflight_f
     for head in (0, 1, 3, 5):
         ring.desc(head, BUF + 0x10 * head, 1, F_WRITE)
     rec = Recorder(result=lambda head: PENDING if head in (5, 3) else 1)
-    backend = VhostUserBackend(_Device(rec), _Watcher())
-    _start_connection(backend, ram, ring, inflight_fd, 0, eventfd)
+    first = VhostUserHandler(FakeDevice(rec, 1, QS), FakeLoop())
+    _start_connection(first, ram, ring, inflight_fd, 0, eventfd)
     ring.publish(5, 0, 3, 1)
-    backend.queues[0].process()  # the kick
+    first.queues[0].process()  # the kick
     assert rec.heads == [5, 0, 3, 1] and flagged(inflight_fd) == {5, 3}
-    backend.disconnect()  # the back end goes away with 5 and 3 in flight
-
-    rec.calls.clear()
-    rec.result = 1
-    _start_connection(backend, ram, ring, inflight_fd, ring.used_idx, eventfd)
+    # The back end dies (kill -9) with 5 and 3 still at its storage; a new one starts.
+    rec2 = Recorder(result=1)
+    second = VhostUserHandler(FakeDevice(rec2, 1, QS), FakeLoop())
+    _start_connection(second, ram, ring, inflight_fd, ring.used_idx, eventfd)
     try:
-        assert rec.heads == [5, 3]
+        assert rec2.heads == [5, 3]
         assert ring.used_elems(2) == [(5, 1), (3, 1)]
     finally:
-        backend.disconnect()
+        assert second.disconnect() is None
 
 
 # ---- robustness: faults that are not the driver's, and hostile recovery state ------
@@ -984,3 +945,120 @@ def test_inflight_used_idx_is_never_half_written(inflight_fd: int) -> None:
         assert zero_reads(inflight_fd, [14], complete) == 0
     finally:
         region.close()
+
+
+# ---- a crash after every store, with requests completing out of order ---------------
+
+
+class _Crash(BaseException):
+    """The back end is killed here: nothing after this point runs."""
+
+
+class _Stores:
+    """Counts every store the split engine makes to shared memory (used ring entries,
+    used.idx, inflight entries, flags and used_idx) and crashes after the ``limit``-th."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def store(self) -> None:
+        self.count += 1
+        if self.count == self.limit:
+            raise _Crash
+
+    def packer(self, real: Callable[..., None]) -> Callable[..., None]:
+        def pack_into(*args: Any) -> None:
+            real(*args)
+            self.store()
+        return pack_into
+
+    def words(self, view: memoryview) -> Any:
+        stores = self
+
+        class Words:
+            def __getitem__(self, i: int) -> int:
+                return view[i]  # type: ignore[no-any-return]
+
+            def __setitem__(self, i: int, value: int) -> None:
+                view[i] = value
+                stores.store()
+
+            def release(self) -> None:
+                view.release()
+
+        return Words()
+
+
+class _Packers:
+    def __init__(self, real: Any, stores: _Stores) -> None:
+        self.pack_into = stores.packer(real.pack_into)
+        self.unpack_from = real.unpack_from
+        self.size = real.size
+
+
+# (completions in order; None publishes what was completed without publishing)
+OUT_OF_ORDER = [
+    [(2, True), (0, True), (3, True), (1, True)],
+    [(3, False), (0, False), None, (2, True), (1, True)],
+]
+
+
+@pytest.mark.parametrize("completions", OUT_OF_ORDER, ids=["one-by-one", "batched"])
+def test_crash_after_every_store_with_out_of_order_completions(
+        ring: Ring, inflight_fd: int, monkeypatch: pytest.MonkeyPatch,
+        completions: list[tuple[int, bool] | None]) -> None:
+    from vhostd.engine import inflight as inflight_mod
+
+    heads = [0, 1, 2, 3]
+    for head in heads:
+        ring.desc(head, BUF + 0x10 * head, 1, F_WRITE)
+    limit = 1
+    while True:
+        # A fresh guest ring and region for every crash point.
+        ring.ram.write(ring.used_gpa, bytes(6 + 8 * QS))
+        ring.ram.write(ring.avail_gpa, bytes(6 + 2 * QS))
+        ring.avail_idx = 0
+        os.pwrite(inflight_fd, bytes(inflight_queue_stride(QS)), 0)
+        stores = _Stores(limit)
+        region = InflightRegion(inflight_fd, inflight_queue_stride(QS), 0, 1, QS)
+        q = ring.queue(Recorder(result=PENDING), inflight=region.queues[0])
+        crashed = False
+        with monkeypatch.context() as m:
+            m.setattr(inflight_mod, "ENTRY", _Packers(inflight_mod.ENTRY, stores))
+            m.setattr(inflight_mod, "_U8", _Packers(inflight_mod._U8, stores))
+            m.setattr(virtqueue_mod, "_used_pack", stores.packer(virtqueue_mod._used_pack))
+            iq = region.queues[0]
+            iq._words = stores.words(iq._words)  # type: ignore[attr-defined]
+            q._used16 = stores.words(q._used16)  # type: ignore[assignment]
+            try:
+                ring.publish(*heads)
+                q.process()
+                for step in completions:
+                    if step is None:
+                        q.publish()
+                    else:
+                        q.complete(step[0], 7, publish=step[1])
+            except _Crash:
+                crashed = True
+        published = ring.used_elems()
+        # A new back end after the crash: QEMU sends the used index as the base.
+        region2 = InflightRegion(inflight_fd, inflight_queue_stride(QS), 0, 1, QS)
+        rec2 = Recorder(result=9)
+        q2 = ring.queue(rec2, base=ring.used_idx, inflight=region2.queues[0])
+        q2.resubmit()
+        q2.process()  # and the chains the first never took
+        assert q2.last_avail_idx == 4, limit
+        done = ring.used_elems()
+        # Every request completed exactly once: what was published before the crash
+        # is not run again, and what was not is resubmitted.
+        assert sorted(h for h, _ in done) == heads, (limit, published, done)
+        assert done[:len(published)] == published
+        assert {h for h, n in done if n == 9} == set(rec2.heads), limit
+        assert flagged(inflight_fd) == set(), limit
+        region.close()
+        region2.close()
+        if not crashed:
+            break
+        limit += 1
+    assert limit > 12  # every store of the scenario was a crash point once

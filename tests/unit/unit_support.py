@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vhostd.core.protocol import BackendProtocol, DeviceInfo, Message
-from vhostd.engine.backend import ENGINE_FEATURES, PROTOCOL_FEATURES
 from vhostd.engine.memory import GuestMemory
 from vhostd.engine.packed import PackedVirtqueue, set_layout
 from vhostd.engine.virtqueue import SplitVirtqueue
+from vhostd.vhost_user.handler import ENGINE_FEATURES, PROTOCOL_FEATURES, VhostUserHandler
 from vhostd_proto.vhost_user import Request as R
 
 # ---- construct results as plain data ------------------------------------------
@@ -318,6 +318,86 @@ class Recorder:
         return [c.head for c in self.calls]
 
 
+class FakeDevice:
+    """The smallest VirtioDevice: ``num_queues`` queues of ``max_queue_size`` whose
+    requests go to one handler (a Recorder, typically)."""
+
+    name = "fake"
+
+    def __init__(self, handler: Callable[[int, list[memoryview], list[memoryview]], int],
+                 num_queues: int = 1, max_queue_size: int = 8) -> None:
+        self.handler = handler
+        self.num_queues = num_queues
+        self.max_queue_size = max_queue_size
+        self.resets = 0
+
+    def device_features(self) -> int:
+        return 0
+
+    def make_handler(self, queue: Any) -> Callable[[int, list[memoryview], list[memoryview]],
+                                                    int]:
+        return self.handler
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        pass
+
+    def features_acked(self, features: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def disconnected(self) -> None:
+        pass
+
+    def refresh_capacity(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def worker_spec(self) -> tuple[dict[str, object], list[int]]:
+        return {"kind": "fake"}, []
+
+    def get_parts(self) -> list[tuple[int, bytes]]:
+        return []
+
+    def part_lengths(self) -> list[tuple[int, int]]:
+        return []
+
+    def check_part(self, part_type: int, value: bytes) -> None:
+        pass
+
+    def apply_part(self, part_type: int, value: bytes) -> None:
+        pass
+
+
+class FakeLoop:
+    """The engine's Loop without a loop: readers are remembered, ``call_soon`` callbacks
+    run at :meth:`run_soon`."""
+
+    def __init__(self) -> None:
+        self.readers: dict[int, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
+        self.soon: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> None:
+        self.readers[fd] = (callback, args)
+
+    def remove_reader(self, fd: int) -> None:
+        self.readers.pop(fd, None)
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
+        self.soon.append((callback, args))
+
+    def run_soon(self) -> None:
+        soon, self.soon = self.soon, []
+        for callback, args in soon:
+            callback(*args)
+
+
 # ---- packed rings (virtio 1.1+ 2.8) --------------------------------------------
 
 PF_AVAIL = 1 << 7
@@ -457,3 +537,52 @@ class PackedRing:
         if start:
             q.start(self.ram.memory)
         return q
+
+
+# ---- a front end on a VhostUserHandler, through the protocol core -------------------
+
+DRIVER_QS = 8
+DRIVER_RINGS = [(0x0000, 0x0200, 0x0400), (0x1000, 0x1200, 0x1400)]
+DRIVER_BUF = 0x4000
+
+
+class Conn:
+    """One front end on a handler with two queues of DRIVER_QS, both started (QEMU 7.2's
+    steps), whose guest makes one-byte device-writable requests."""
+
+    def __init__(self, handler: VhostUserHandler, ram: GuestRam,
+                 eventfd: Callable[[], int]) -> None:
+        self.h = handler
+        self.ram = ram
+        self.proto: BackendProtocol = handler.connect()
+        self.rings = [Ring(ram, DRIVER_QS, *r) for r in DRIVER_RINGS]
+        a, b = ram.regions
+        self.send(frame(R.GET_FEATURES))
+        self.send(frame(R.GET_PROTOCOL_FEATURES))
+        self.send(frame(R.SET_PROTOCOL_FEATURES, u64(self.proto.info.protocol_features)))
+        self.send(frame(R.SET_OWNER))
+        self.send(frame(R.SET_FEATURES, u64(self.proto.info.features & ~(1 << 34))))
+        self.send(frame(R.SET_MEM_TABLE, mem_table((a.gpa, a.size, a.qva, a.offset),
+                                                   (b.gpa, b.size, b.qva, b.offset))),
+                  [os.dup(a.fd), os.dup(b.fd)])
+        for i, ring in enumerate(self.rings):
+            self.send(frame(R.SET_VRING_CALL, vring_fd(i)), [eventfd()])
+            self.send(frame(R.SET_VRING_NUM, state(i, DRIVER_QS)))
+            self.send(frame(R.SET_VRING_BASE, state(i, 0)))
+            self.send(frame(R.SET_VRING_ADDR, vring_addr(
+                i, 0, ram.qva(ring.desc_gpa), ram.qva(ring.used_gpa), ram.qva(ring.avail_gpa))))
+            self.send(frame(R.SET_VRING_KICK, vring_fd(i)), [eventfd()])
+            self.send(frame(R.SET_VRING_ENABLE, state(i, 1)))
+
+    def send(self, data: bytes, fds: list[int] | None = None) -> Any:
+        out = None
+        for msg in self.proto.receive(data, fds or []):
+            out = self.h.handle(msg)
+        return out
+
+    def requests(self, q: int, heads: list[int]) -> None:
+        ring = self.rings[q]
+        for head in heads:
+            ring.desc(head, DRIVER_BUF + 0x100 * q + 0x10 * head, 1, F_WRITE)
+        ring.publish(*heads)
+        self.h.queues[q].process()

@@ -7,7 +7,8 @@ fds are plain integers that the caller owns until a message hands them on.
 
 What is legal is data, not code: :data:`RULES` says for every request which payload
 size, how many fds, which protocol feature gate and whether ownership is required,
-and :data:`RING_TRANSITIONS` says which ring-phase changes a request makes. Anything
+and which ring state it touches (so rings served by worker processes come back only
+for those); :data:`RING_TRANSITIONS` says which ring-phase changes a request makes. Anything
 outside those tables raises :class:`ProtocolError`, which the shell answers by
 logging the reason and closing that connection.
 """
@@ -48,6 +49,15 @@ class ReplyKind(enum.Enum):
 class RingPhase(enum.Enum):
     STOPPED = "stopped"
     STARTED = "started"
+
+
+class RingScope(enum.Enum):
+    """The ring state a request reads or changes. Its handler runs with those rings in
+    the main process: rings a queue worker serves are called back for it first."""
+
+    NONE = "none"  # no ring state: handled while every ring runs, wherever it runs
+    ONE = "one"  # the ring the request names
+    ALL = "all"  # every ring of the device (memory, features, logs, config, reset)
 
 
 class RingArg(enum.Enum):
@@ -91,6 +101,7 @@ class Rule:
     reply: ReplyKind = ReplyKind.NONE
     ring: RingArg = RingArg.NONE
     parse: Any = None  # a construct Struct for the payload, if it has one
+    rings: RingScope = RingScope.NONE
 
 
 def _rule(size: int, **kw: Any) -> Rule:
@@ -99,9 +110,9 @@ def _rule(size: int, **kw: Any) -> Rule:
 
 RULES: dict[R, Rule] = {
     R.GET_FEATURES: _rule(0, reply=ReplyKind.BODY),
-    R.SET_FEATURES: _rule(8, parse=vu.U64),
+    R.SET_FEATURES: _rule(8, parse=vu.U64, rings=RingScope.ALL),
     R.SET_OWNER: _rule(0),
-    R.RESET_OWNER: _rule(0),
+    R.RESET_OWNER: _rule(0, rings=RingScope.ALL),
     R.GET_PROTOCOL_FEATURES: _rule(0, reply=ReplyKind.BODY),
     R.SET_PROTOCOL_FEATURES: _rule(8, parse=vu.U64),
     R.GET_QUEUE_NUM: _rule(0, gate=PF.MQ, reply=ReplyKind.BODY),
@@ -112,26 +123,35 @@ RULES: dict[R, Rule] = {
         fds=(0, vu.VHOST_MEMORY_BASELINE_NREGIONS),
         needs_owner=True,
         parse=vu.MemoryTable,
+        rings=RingScope.ALL,
     ),
     R.ADD_MEM_REG: _rule(
         40, fds=(1, 1), gate=PF.CONFIGURE_MEM_SLOTS, needs_owner=True,
-        parse=vu.SingleMemoryRegion,
+        parse=vu.SingleMemoryRegion, rings=RingScope.ALL,
     ),
     R.REM_MEM_REG: _rule(
         40, fds=(0, 1), gate=PF.CONFIGURE_MEM_SLOTS, needs_owner=True,
-        parse=vu.SingleMemoryRegion,
+        parse=vu.SingleMemoryRegion, rings=RingScope.ALL,
     ),
     R.SET_BACKEND_REQ_FD: _rule(0, fds=(1, 1), gate=PF.BACKEND_REQ),
-    R.SET_VRING_NUM: _rule(8, needs_owner=True, ring=RingArg.STATE, parse=vu.VringState),
-    R.SET_VRING_BASE: _rule(8, needs_owner=True, ring=RingArg.STATE, parse=vu.VringState),
-    R.SET_VRING_ADDR: _rule(40, needs_owner=True, ring=RingArg.STATE, parse=vu.VringAddr),
+    R.SET_VRING_NUM: _rule(8, needs_owner=True, ring=RingArg.STATE, parse=vu.VringState,
+                           rings=RingScope.ONE),
+    R.SET_VRING_BASE: _rule(8, needs_owner=True, ring=RingArg.STATE, parse=vu.VringState,
+                            rings=RingScope.ONE),
+    R.SET_VRING_ADDR: _rule(40, needs_owner=True, ring=RingArg.STATE, parse=vu.VringAddr,
+                            rings=RingScope.ONE),
     R.GET_VRING_BASE: _rule(
-        8, needs_owner=True, ring=RingArg.STATE, reply=ReplyKind.BODY, parse=vu.VringState
+        8, needs_owner=True, ring=RingArg.STATE, reply=ReplyKind.BODY, parse=vu.VringState,
+        rings=RingScope.ONE,
     ),
-    R.SET_VRING_KICK: _rule(8, fds=(0, 1), needs_owner=True, ring=RingArg.FD, parse=vu.U64),
-    R.SET_VRING_CALL: _rule(8, fds=(0, 1), needs_owner=True, ring=RingArg.FD, parse=vu.U64),
-    R.SET_VRING_ERR: _rule(8, fds=(0, 1), needs_owner=True, ring=RingArg.FD, parse=vu.U64),
-    R.SET_VRING_ENABLE: _rule(8, ring=RingArg.STATE, parse=vu.VringState),
+    R.SET_VRING_KICK: _rule(8, fds=(0, 1), needs_owner=True, ring=RingArg.FD, parse=vu.U64,
+                            rings=RingScope.ONE),
+    R.SET_VRING_CALL: _rule(8, fds=(0, 1), needs_owner=True, ring=RingArg.FD, parse=vu.U64,
+                            rings=RingScope.ONE),
+    R.SET_VRING_ERR: _rule(8, fds=(0, 1), needs_owner=True, ring=RingArg.FD, parse=vu.U64,
+                           rings=RingScope.ONE),
+    R.SET_VRING_ENABLE: _rule(8, ring=RingArg.STATE, parse=vu.VringState,
+                              rings=RingScope.ONE),
     R.GET_CONFIG: Rule(
         size_ok=_config_size, size_text="12 + size (size <= 256)", gate=PF.CONFIG,
         reply=ReplyKind.BODY, parse=vu.Config,
@@ -139,17 +159,19 @@ RULES: dict[R, Rule] = {
     R.SET_CONFIG: Rule(
         size_ok=_config_size, size_text="12 + size (size <= 256)", gate=PF.CONFIG,
         parse=vu.Config,
+        rings=RingScope.ALL,  # the write-cache mode: a worker's device has a copy
     ),
     R.GET_INFLIGHT_FD: _rule(
         24, gate=PF.INFLIGHT_SHMFD, needs_owner=True, reply=ReplyKind.BODY, parse=vu.Inflight
     ),
     R.SET_INFLIGHT_FD: _rule(
-        24, fds=(1, 1), gate=PF.INFLIGHT_SHMFD, needs_owner=True, parse=vu.Inflight
+        24, fds=(1, 1), gate=PF.INFLIGHT_SHMFD, needs_owner=True, parse=vu.Inflight,
+        rings=RingScope.ALL,
     ),
-    R.RESET_DEVICE: _rule(0, gate=PF.RESET_DEVICE),
+    R.RESET_DEVICE: _rule(0, gate=PF.RESET_DEVICE, rings=RingScope.ALL),
     R.SET_LOG_BASE: _rule(
         16, fds=(1, 1), gate=PF.LOG_SHMFD, needs_owner=True, reply=ReplyKind.ALWAYS_ACK,
-        parse=vu.LogBase,
+        parse=vu.LogBase, rings=RingScope.ALL,
     ),
 }
 

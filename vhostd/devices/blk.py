@@ -26,7 +26,7 @@ from vhostd_proto.virtio_blk import (
     BlkStatus,
 )
 
-from ..engine.virtqueue import Handler, SplitVirtqueue
+from ..engine.virtqueue import Handler, SplitVirtqueue, scatter
 from .backing import BlockBackend, FileBackend
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class BlkDevice:
         self.backend.close()
 
     # ---- serving queues in a worker process ----------------------------------
-    def offload_spec(self) -> tuple[dict[str, object], list[int]]:
+    def worker_spec(self) -> tuple[dict[str, object], list[int]]:
         """What a queue worker needs to serve this device's requests: the current
         driver-visible state and the open backing file (the fd stays ours)."""
         backend = self.backend
@@ -225,8 +225,8 @@ class BlkDevice:
                              "serial": o.serial}}, [backend.fd])
 
     @classmethod
-    def from_offload_spec(cls, spec: dict[str, object], fds: list[int]) -> BlkDevice:
-        """The worker side of :meth:`offload_spec`; adopts ``fds``."""
+    def from_worker_spec(cls, spec: dict[str, object], fds: list[int]) -> BlkDevice:
+        """The worker side of :meth:`worker_spec`; adopts ``fds``."""
         options = BlkOptions(**spec["options"])  # type: ignore[arg-type]
         backend = FileBackend(str(spec["path"]), bool(spec["read_only"]), fd=fds[0])
         device = cls(str(spec["name"]), backend, options)
@@ -340,14 +340,8 @@ class BlkDevice:
             status[0] = S_OK
             return 1
         if rtype == T_GET_ID:
-            written = 0
             ident = self.serial + bytes(VIRTIO_BLK_ID_BYTES - len(self.serial))
-            for buf in data_in:
-                n = min(len(buf), len(ident) - written)
-                buf[:n] = ident[written:written + n]
-                written += n
-                if written == len(ident):
-                    break
+            written = scatter(ident, data_in)
             status[0] = S_OK
             return written + 1
         if rtype in (T_DISCARD, T_WRITE_ZEROES):

@@ -5,8 +5,11 @@ one admin virtqueue, placed right after its regular queues (none by default, or 
 queues of its own disk); see docs/admin-over-vhost-user.md. Its members, 1..N, form
 group type 1 (SR-IOV); group type 0 is the owner itself.
 
-Admin commands are carried out in queue order on the event loop, so a member's data
-path never runs concurrently with a command that stops it or reads its parts.
+Admin commands start in queue order on the event loop. A command may have to wait
+(a stop waits for the member's requests still at its storage; a member's rings may be
+coming home from a queue worker): its chain then completes later, out of order, while
+the admin queue goes on with commands for other members. Commands for the same member
+run one after the other, in queue order.
 """
 
 from __future__ import annotations
@@ -17,6 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vhostd_proto import virtio_admin as va
+from vhostd_proto.device_parts import (
+    Part,
+    PartsFormatError,
+    decode_headers,
+    decode_parts,
+    encode_parts,
+)
 from vhostd_proto.virtio import Feature
 from vhostd_proto.virtio_admin import AdminCmd as C
 from vhostd_proto.virtio_admin import AdminQualifier as Q
@@ -24,10 +34,12 @@ from vhostd_proto.virtio_admin import AdminStatus as S
 from vhostd_proto.virtio_admin import GroupType as G
 from vhostd_proto.virtio_admin import VhostdAdminCmd as V
 
-from ..engine.backend import MemberMode, TrackerBusy, VhostUserBackend
+from ..core.member import MemberMode
+from ..core.pending import Pending, after
 from ..engine.dirtytrack import MAX_RANGES, TrackerError
-from ..engine.parts import Part, PartsError, decode_parts, encode_parts, select
-from ..engine.virtqueue import Handler, SplitVirtqueue
+from ..engine.virtqueue import PENDING, Handler, SplitVirtqueue, scatter
+from ..vhost_user.member import Member, TrackerBusy
+from ..vhost_user.parts import PartsError, select
 from .blk import BlkDevice
 
 log = logging.getLogger("vhostd.owner")
@@ -106,13 +118,22 @@ class AdminState:
         self.objects: dict[int, ResourceObject] = {}
 
 
+# (status, qualifier, command-specific result)
+Outcome = tuple[int, int, bytes]
+# A command's result: now, or later.
+Result = bytes | Pending[bytes]
+
+
 class AdminCommands:
     """Executes admin commands against the member group; no ring or socket here."""
 
-    def __init__(self, members: list[VhostUserBackend]) -> None:
+    def __init__(self, members: list[Member]) -> None:
         self.members = members
         self.state = AdminState()
-        self._handlers: dict[int, Callable[[int, int, bytes, int], bytes]] = {
+        # Members with a command still running: the commands waiting behind it.
+        self._waiting: dict[int, list[tuple[Callable[[], Outcome | Pending[Outcome]],
+                                            Pending[Outcome]]]] = {}
+        self._handlers: dict[int, Callable[[int, int, bytes, int], Result]] = {
             C.VIRTIO_ADMIN_CMD_LIST_QUERY: self._list_query,
             C.VIRTIO_ADMIN_CMD_LIST_USE: self._list_use,
             C.VIRTIO_ADMIN_CMD_CAP_ID_LIST_QUERY: self._cap_id_list_query,
@@ -143,28 +164,78 @@ class AdminCommands:
         return frozenset(self._handlers)
 
     # ---- entry point -------------------------------------------------------
-    def execute(self, command: bytes, capacity: int) -> tuple[int, int, bytes]:
-        """Run one command; return (status, qualifier, result). ``capacity`` is the
-        room for the command-specific result."""
+    def execute(self, command: bytes, capacity: int) -> Outcome | Pending[Outcome]:
+        """Run one command: (status, qualifier, result) now, or a Pending of it.
+        ``capacity`` is the room for the command-specific result."""
         if len(command) < va.ADMIN_CMD_HDR_SIZE:
             command = command + bytes(va.ADMIN_CMD_HDR_SIZE - len(command))
         opcode, group, _reserved, member = struct.unpack_from("<HH12sQ", command)
         data = command[va.ADMIN_CMD_HDR_SIZE:]
         try:
             self._validate(opcode, group, member)
-            result = self._handlers[opcode](group, member, data, capacity)
         except AdminError as e:
+            return self._failed(opcode, group, member, e)
+
+        def run() -> Outcome | Pending[Outcome]:
+            try:
+                result = self._handlers[opcode](group, member, data, capacity)
+            except Exception as e:
+                return self._failed(opcode, group, member, e)
+            if isinstance(result, Pending):
+                return _outcome_later(result, lambda e: self._failed(opcode, group, member, e))
+            return S.VIRTIO_ADMIN_STATUS_OK, Q.VIRTIO_ADMIN_STATUS_Q_OK, result
+
+        if opcode not in _MEMBER_OPCODES:
+            return run()
+        return self._in_turn(member, run)
+
+    def _in_turn(self, member: int, run: Callable[[], Outcome | Pending[Outcome]]
+                 ) -> Outcome | Pending[Outcome]:
+        """Run a member's command after the ones before it for that member."""
+        waiting = self._waiting.get(member)
+        if waiting is not None:
+            later: Pending[Outcome] = Pending()
+            waiting.append((run, later))
+            return later
+        result = run()
+        if not isinstance(result, Pending):
+            return result
+        self._waiting[member] = []
+        out: Pending[Outcome] = Pending()
+        result.then(lambda p: self._done_then_next(member, p, out))
+        return out
+
+    def _done_then_next(self, member: int, p: Pending[Outcome], out: Pending[Outcome]
+                        ) -> None:
+        """Complete a member's command, then start the next one for that member, so
+        the commands' used entries come in queue order."""
+        out.resolve(p.result())  # outcomes are never errors (execute maps them)
+        self._next(member)
+
+    def _next(self, member: int) -> None:
+        waiting = self._waiting[member]
+        while waiting:
+            run, later = waiting.pop(0)
+            result = run()
+            if isinstance(result, Pending):
+                result.then(lambda p, later=later: self._done_then_next(member, p, later))
+                return
+            later.resolve(result)
+        del self._waiting[member]
+
+    @staticmethod
+    def _failed(opcode: int, group: int, member: int, e: Exception) -> Outcome:
+        if isinstance(e, AdminError):
             log.info("admin command %s (group %d, member %d) failed: %s: %s",
                      _opcode_name(opcode), group, member, _status_name(e.status), e)
             return e.status, e.qualifier, b""
-        except PartsError as e:
+        if isinstance(e, PartsError):
             log.info("admin command %s for member %d failed: %s", _opcode_name(opcode),
                      member, e)
             return e.status, e.qualifier, b""
-        except Exception:
-            log.exception("internal error in admin command %s", _opcode_name(opcode))
-            return (S.VIRTIO_ADMIN_STATUS_EINVAL, Q.VIRTIO_ADMIN_STATUS_Q_INVALID_COMMAND, b"")
-        return S.VIRTIO_ADMIN_STATUS_OK, Q.VIRTIO_ADMIN_STATUS_Q_OK, result
+        log.error("internal error in admin command %s", _opcode_name(opcode),
+                  exc_info=(type(e), e, e.__traceback__))
+        return (S.VIRTIO_ADMIN_STATUS_EINVAL, Q.VIRTIO_ADMIN_STATUS_Q_INVALID_COMMAND, b"")
 
     def _validate(self, opcode: int, group: int, member: int) -> None:
         # The spec's order: group, then opcode, then member.
@@ -302,55 +373,63 @@ class AdminCommands:
         return b""
 
     # ---- device parts ------------------------------------------------------
-    def _member(self, member: int) -> VhostUserBackend:
+    def _member(self, member: int) -> Member:
         return self.members[member - 1]
 
-    def _metadata_get(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+    def _metadata_get(self, group: int, member: int, data: bytes, capacity: int) -> Result:
         _rtype, obj_id = self._obj_hdr(data)
         self._object(obj_id, member, va.VIRTIO_RESOURCE_OBJ_DEV_PARTS_TYPE_GET)
         mtype = data.ljust(16, b"\0")[8]
-        parts = self._member(member).parts()
-        if mtype == va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_SIZE:
-            return struct.pack("<I4x", len(encode_parts(parts)))
-        if mtype == va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_COUNT:
-            return struct.pack("<I4x", len(parts))
-        if mtype == va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_LIST:
+        if mtype not in (va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_SIZE,
+                         va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_COUNT,
+                         va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_LIST):
+            raise _field(f"metadata type {mtype}")
+
+        def metadata(parts: list[Part]) -> bytes:
+            if mtype == va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_SIZE:
+                return struct.pack("<I4x", len(encode_parts(parts)))
+            if mtype == va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_COUNT:
+                return struct.pack("<I4x", len(parts))
             result = struct.pack("<I4x", len(parts)) + b"".join(p.header() for p in parts)
             if len(result) > capacity:
                 raise AdminError(S.VIRTIO_ADMIN_STATUS_ENOMEM,
                                  Q.VIRTIO_ADMIN_STATUS_Q_NORESOURCE,
                                  f"header list needs {len(result)} bytes, buffer has {capacity}")
             return result
-        raise _field(f"metadata type {mtype}")
 
-    def _parts_get(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        return after(self._member(member).parts(), metadata)
+
+    def _parts_get(self, group: int, member: int, data: bytes, capacity: int) -> Result:
         _rtype, obj_id = self._obj_hdr(data)
         self._object(obj_id, member, va.VIRTIO_RESOURCE_OBJ_DEV_PARTS_TYPE_GET)
         gtype = data.ljust(16, b"\0")[8]
-        parts = self._member(member).parts()
-        if gtype == va.VIRTIO_ADMIN_CMD_DEV_PARTS_GET_TYPE_SELECTED:
-            wanted = _headers(data[16:])
-            parts = select(parts, wanted)
-        elif gtype != va.VIRTIO_ADMIN_CMD_DEV_PARTS_GET_TYPE_ALL:
+        if gtype not in (va.VIRTIO_ADMIN_CMD_DEV_PARTS_GET_TYPE_SELECTED,
+                         va.VIRTIO_ADMIN_CMD_DEV_PARTS_GET_TYPE_ALL):
             raise _field(f"get type {gtype}")
-        result = encode_parts(parts)
-        if len(result) > capacity:
-            # A cut part list would be unusable: refuse instead of truncating.
-            raise AdminError(S.VIRTIO_ADMIN_STATUS_ENOMEM, Q.VIRTIO_ADMIN_STATUS_Q_NORESOURCE,
-                             f"parts need {len(result)} bytes, buffer has {capacity}")
-        return result
 
-    def _parts_set(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+        def encode(parts: list[Part]) -> bytes:
+            if gtype == va.VIRTIO_ADMIN_CMD_DEV_PARTS_GET_TYPE_SELECTED:
+                parts = select(parts, decode_headers(data[16:]))
+            result = encode_parts(parts)
+            if len(result) > capacity:
+                # A cut part list would be unusable: refuse instead of truncating.
+                raise AdminError(S.VIRTIO_ADMIN_STATUS_ENOMEM,
+                                 Q.VIRTIO_ADMIN_STATUS_Q_NORESOURCE,
+                                 f"parts need {len(result)} bytes, buffer has {capacity}")
+            return result
+
+        return after(self._member(member).parts(), encode)
+
+    def _parts_set(self, group: int, member: int, data: bytes, capacity: int) -> Result:
         _rtype, obj_id = self._obj_hdr(data)
         self._object(obj_id, member, va.VIRTIO_RESOURCE_OBJ_DEV_PARTS_TYPE_SET)
-        backend = self._member(member)
-        if backend.mode is MemberMode.RUNNING:
-            raise AdminError(S.VIRTIO_ADMIN_STATUS_EBUSY, Q.VIRTIO_ADMIN_STATUS_Q_INVALID_COMMAND,
-                             f"member {member} is running; stop it before DEV_PARTS_SET")
-        backend.stage_parts(decode_parts(data[8:]))
-        return b""
+        try:
+            parts = decode_parts(data[8:])
+        except PartsFormatError as e:
+            raise _field(str(e)) from e
+        return after(self._member(member).stage_parts(parts), lambda _: b"")
 
-    def _mode_set(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+    def _mode_set(self, group: int, member: int, data: bytes, capacity: int) -> Result:
         flags = data[0] if data else 0
         if flags & ~(_STOPPED | _FROZEN):
             raise _field(f"mode flags {flags:#x}")
@@ -358,12 +437,11 @@ class AdminCommands:
             raise _field("freeze needs the STOPPED bit too")
         mode = (MemberMode.FROZEN if flags & _FROZEN else
                 MemberMode.STOPPED if flags & _STOPPED else MemberMode.RUNNING)
-        self._member(member).set_mode(mode)
-        return b""
+        return after(self._member(member).set_mode(mode), lambda _: b"")
 
 
     # ---- vendor: device-side dirty page tracking ----------------------------
-    def _track_start(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+    def _track_start(self, group: int, member: int, data: bytes, capacity: int) -> Result:
         data = data.ljust(8, b"\0")
         page_size, count = struct.unpack_from("<II", data)
         if count > MAX_RANGES:
@@ -371,15 +449,15 @@ class AdminCommands:
         data = data.ljust(8 + 16 * count, b"\0")
         ranges = [struct.unpack_from("<QQ", data, 8 + 16 * i) for i in range(count)]
         try:
-            self._member(member).start_tracking(page_size, ranges)
+            started = self._member(member).start_tracking(page_size, ranges)
         except TrackerBusy as e:
             raise AdminError(S.VIRTIO_ADMIN_STATUS_EBUSY, Q.VIRTIO_ADMIN_STATUS_Q_INVALID_COMMAND,
                              str(e)) from e
         except TrackerError as e:
             raise _field(str(e)) from e
-        return b""
+        return after(started, lambda _: b"")
 
-    def _track_report(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
+    def _track_report(self, group: int, member: int, data: bytes, capacity: int) -> Result:
         tracker = self._member(member).tracker
         if tracker is None:
             raise _invalid(Q.VIRTIO_ADMIN_STATUS_Q_INVALID_COMMAND,
@@ -394,16 +472,23 @@ class AdminCommands:
         return self._member(member).tracking_report(
             clear=bool(flags & 1 << va.VHOSTD_DIRTY_TRACK_REPORT_F_CLEAR))
 
-    def _track_stop(self, group: int, member: int, data: bytes, capacity: int) -> bytes:
-        self._member(member).stop_tracking()
-        return b""
+    def _track_stop(self, group: int, member: int, data: bytes, capacity: int) -> Result:
+        return after(self._member(member).stop_tracking(), lambda _: b"")
 
 
-def _headers(data: bytes) -> list[Part]:
-    out = []
-    for off in range(0, len(data) - len(data) % va.PART_HDR_SIZE, va.PART_HDR_SIZE):
-        ptype, flags, _res, selector, _length = struct.unpack_from("<HBB8sI", data, off)
-        out.append(Part(ptype, flags, selector, b""))
+def _outcome_later(result: Pending[bytes], failed: Callable[[Exception], Outcome]
+                   ) -> Pending[Outcome]:
+    out: Pending[Outcome] = Pending()
+
+    def done(p: Pending[bytes]) -> None:
+        try:
+            value = p.result()
+        except Exception as e:
+            out.resolve(failed(e))
+            return
+        out.resolve((S.VIRTIO_ADMIN_STATUS_OK, Q.VIRTIO_ADMIN_STATUS_Q_OK, value))
+
+    result.then(done)
     return out
 
 
@@ -430,7 +515,7 @@ class OwnerDevice:
     disk's, and the admin queue comes after them.
     """
 
-    def __init__(self, members: list[VhostUserBackend], disk: BlkDevice | None = None,
+    def __init__(self, members: list[Member], disk: BlkDevice | None = None,
                  name: str = "owner") -> None:
         self.name = name
         self.disk = disk
@@ -440,7 +525,7 @@ class OwnerDevice:
         self.max_queue_size = max(disk.max_queue_size if disk else 0, ADMIN_QUEUE_SIZE_MAX)
 
     @property
-    def members(self) -> list[VhostUserBackend]:
+    def members(self) -> list[Member]:
         return self.commands.members
 
     def device_features(self) -> int:
@@ -451,9 +536,13 @@ class OwnerDevice:
         if queue.index < self.admin_queue_index:
             assert self.disk is not None
             return self.disk.make_handler(queue)
-        return self._admin_handler
 
-    def _admin_handler(self, head: int, readable: list[memoryview],
+        def admin(head: int, readable: list[memoryview], writable: list[memoryview]) -> int:
+            return self._admin_request(queue, head, readable, writable)
+
+        return admin
+
+    def _admin_request(self, queue: SplitVirtqueue, head: int, readable: list[memoryview],
                        writable: list[memoryview]) -> int:
         room = sum(map(len, writable))
         if room < va.ADMIN_STATUS_SIZE:
@@ -463,21 +552,14 @@ class OwnerDevice:
         if size > ADMIN_COMMAND_MAX:
             # Larger than any command: refuse before copying guest memory.
             log.info("admin command of %d bytes refused", size)
-            status, qualifier, result = (S.VIRTIO_ADMIN_STATUS_EINVAL,
-                                         Q.VIRTIO_ADMIN_STATUS_Q_INVALID_COMMAND, b"")
+            outcome: Outcome | Pending[Outcome] = (
+                S.VIRTIO_ADMIN_STATUS_EINVAL, Q.VIRTIO_ADMIN_STATUS_Q_INVALID_COMMAND, b"")
         else:
-            status, qualifier, result = self.commands.execute(
-                b"".join(readable), room - va.ADMIN_STATUS_SIZE)
-        out = struct.pack("<HH4x", status, qualifier) + result
-        out = out[:room]  # results are cut to the buffer (parts lists refuse earlier)
-        off = 0
-        for buf in writable:
-            n = min(len(buf), len(out) - off)
-            buf[:n] = out[off:off + n]
-            off += n
-            if off == len(out):
-                break
-        return len(out)
+            outcome = self.commands.execute(b"".join(readable), room - va.ADMIN_STATUS_SIZE)
+        if isinstance(outcome, Pending):
+            outcome.then(lambda p: queue.complete(head, _write_result(p.result(), writable)))
+            return PENDING
+        return _write_result(outcome, writable)
 
     def get_config(self, offset: int, size: int) -> bytes:
         if self.disk:
@@ -521,3 +603,10 @@ class OwnerDevice:
     def apply_part(self, part_type: int, value: bytes) -> None:
         if self.disk:
             self.disk.apply_part(part_type, value)
+
+
+def _write_result(outcome: Outcome, writable: list[memoryview]) -> int:
+    """The status and result into the command's device-writable buffers; the used length.
+    Results are cut to the buffer (parts lists refuse earlier)."""
+    status, qualifier, result = outcome
+    return scatter(struct.pack("<HH4x", status, qualifier) + result, writable)

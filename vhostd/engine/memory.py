@@ -167,11 +167,3 @@ class GuestMemory:
             if 0 <= off < r.memory_size:
                 return r.guest_phys_addr + off
         raise GuestMemoryError(f"front-end address {addr:#x} is not in guest memory")
-
-
-def close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

@@ -5,15 +5,17 @@ setting its AVAIL flag to the driver's wrap counter (and USED to the opposite), 
 device hands a buffer back by writing a descriptor with both flags equal to its own
 wrap counter, at its next used position, carrying the buffer id and the written
 length. A chain's buffer id is in its last descriptor; a used descriptor consumes as
-many ring slots as the chain had. Requests complete inline and in order, so used
-descriptors never overwrite a descriptor still in flight.
+many ring slots as the chain had. Used descriptors are published in the order the
+chains were taken: a request that completes before an older one still at the device
+waits for it (``_order``). So a used descriptor never overwrites a descriptor still in
+flight, and the inflight region stays exact (below).
 
 Inflight tracking (vhostd/engine/inflight.py has the layout and the argument): a
 taken chain's descriptors are copied into the region and its head entry flagged;
 writing its used descriptor is followed by the new used position in the region and
 then the flag's clearing. At ring start a valid region, not SET_VRING_BASE (stale
 after a crash in QEMU 7.2), gives the ring position, and the chains still flagged
-are served again from their copies. This relies on in-order completion.
+are served again from their copies. This relies on in-order publication.
 
 The driver area holds the driver's event suppression (when to interrupt), the device
 area the device's (when to kick). The device asks for every kick (flags ENABLE), which
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections import deque
 
 from .barrier import full_barrier
 from .inflight import PackedInflightQueue
@@ -59,7 +62,11 @@ class PackedVirtqueue(SplitVirtqueue):
 
     avail_wrap: int
     used_wrap: int
-    _chain_len: dict[int, int]
+    # Chains taken while an older one is still at the device, oldest first, as
+    # [buffer id, ring slots, used length or None while outstanding]; and the
+    # outstanding ones by buffer id.
+    _order: deque[list[int | None]]
+    _by_id: dict[int, list[int | None]]
     inflight: PackedInflightQueue | None  # type: ignore[assignment]
     POSITION_FIELDS = (*SplitVirtqueue.POSITION_FIELDS, "avail_wrap", "used_wrap")
 
@@ -75,17 +82,17 @@ class PackedVirtqueue(SplitVirtqueue):
     def _init_packed(self) -> None:
         self.avail_wrap = 1
         self.used_wrap = 1
-        self._chain_len = {}
+        self._order = deque()
+        self._by_id = {}
         self._batch_old = 0
         self._batch_wrapped = False
-        self._warned_out_of_order = False
 
     # ---- vhost-user base encoding -------------------------------------------
     def set_base(self, num: int) -> None:
         """SET_VRING_BASE: bits 0-14 next avail, bit 15 its wrap counter.
 
-        The high half may carry a used position, but vhostd never stops a ring with a
-        request in flight, so the used position always equals the avail one; and QEMU
+        The high half may carry a used position, but vhostd stops a ring only once its
+        requests have completed, so the used position always equals the avail one; and QEMU
         7.2 fills that half from the split-ring used index of a packed ring's device
         area (a meaningless 0) after a stop, which would put used descriptors over
         live ones on the migration destination. So it is ignored."""
@@ -108,6 +115,8 @@ class PackedVirtqueue(SplitVirtqueue):
     def start(self, memory: GuestMemory) -> None:
         if not self._begin(memory):
             return
+        self._order.clear()
+        self._by_id.clear()
         if self.last_avail_idx >= self.size or self.used_idx >= self.size:
             self.fail(f"ring position {self.last_avail_idx}/{self.used_idx} is not below "
                       f"the queue size {self.size}")
@@ -167,26 +176,37 @@ class PackedVirtqueue(SplitVirtqueue):
                 pos -= num
                 self.avail_wrap ^= 1
             self.last_avail_idx = pos
+            if self._by_id and buf_id in self._by_id:
+                raise RingError(f"buffer id {buf_id} made available again while in flight")
             if inflight is not None:
                 inflight.take(slot, count, desc)
             n = handler(buf_id, readable, writable)
-            if n >= 0:
+            if n >= 0 and not self._order:
                 if written:
                     self._mark_writes(written)
                 self._push(buf_id, n, count)
             else:
-                if inflight is not None and not self._warned_out_of_order:
-                    self._warned_out_of_order = True
-                    log.warning("%s: a request completes later, perhaps out of order; "
-                                "inflight recovery of packed rings assumes in-order "
-                                "completion", self.name)
-                self._chain_len[buf_id] = count
-                if written is None:
+                if n < 0 and written is None:
                     # Logging may begin before it completes: learn its buffers now,
                     # while the chain's slots are certainly still the driver's.
                     written = []
                     walk(slot, written)
-                self._pending_writes[buf_id] = written
+                self._hold(buf_id, count, n, written)
+
+    def _hold(self, buf_id: int, count: int, n: int,
+              written: list[tuple[int, int]] | None) -> None:
+        """A chain that cannot publish yet: it is outstanding (``n`` < 0), or an older
+        chain is."""
+        if n >= 0:
+            if written:
+                self._mark_writes(written)
+            self._order.append([buf_id, count, n])
+            return
+        entry: list[int | None] = [buf_id, count, None]
+        self._order.append(entry)
+        self._by_id[buf_id] = entry
+        self._pending_writes[buf_id] = written or []
+        self.outstanding += 1
 
     def _walk(self, head: int, written: list[tuple[int, int]] | None = None,
               saved: bytearray | None = None
@@ -286,17 +306,24 @@ class PackedVirtqueue(SplitVirtqueue):
         self._batch.append(buf_id)
         self.requests += 1
 
-    def push_used(self, head: int, length: int) -> None:
-        self._push(head, length, self._chain_len.pop(head, 1))
-
-    def complete(self, head: int, length: int) -> None:
+    def complete(self, head: int, length: int, publish: bool = True) -> None:
+        """Completion of an outstanding chain (by buffer id); its used descriptor, and
+        those of younger chains that completed before it, are written in take order."""
+        self.outstanding -= 1
         written = self._pending_writes.pop(head, None)
-        if not self.started or self.broken or self.desc is None:
-            return
-        if written:
-            self._mark_writes(written)
-        self.push_used(head, length)
-        self._publish()
+        entry = self._by_id.pop(head, None)
+        if entry is not None and self.started and not self.broken and self.desc is not None:
+            if written:
+                self._mark_writes(written)
+            entry[2] = length
+            order = self._order
+            while order and order[0][2] is not None:
+                buf_id, count, n = order.popleft()
+                self._push(buf_id, n, count)  # type: ignore[arg-type]
+            if publish:
+                self._publish()
+        if not self.outstanding and self._idle_waiters:
+            self._idle()
 
     def _mark_ring(self, offset: int, length: int) -> None:
         # The used "ring" of a packed queue is the descriptor ring itself.
@@ -401,13 +428,14 @@ class PackedVirtqueue(SplitVirtqueue):
                 if 16 * count != len(saved):
                     raise RingError(f"saved chain at slot {slot} ends after {count} of "
                                     f"{len(saved) // 16} descriptors")
+                if buf_id in self._by_id:
+                    raise RingError(f"buffer id {buf_id} in flight twice")
                 n = self.handler(buf_id, readable, writable)
-                if n >= 0:
+                if n >= 0 and not self._order:
                     self._mark_writes(written)
                     self._push(buf_id, n, count)
                 else:
-                    self._chain_len[buf_id] = count
-                    self._pending_writes[buf_id] = written
+                    self._hold(buf_id, count, n, written)
 
         self._guarded(serve_all, "resubmitting requests")
 

@@ -3,7 +3,7 @@
 The event loop's own timers (uvloop) have millisecond resolution; a ring that lets
 the driver batch its kicks (virtqueue.py, "kick batching") needs a fallback look at
 the ring within about a hundred microseconds. Linux's timerfd gives that, and as an
-fd it fits the engine's FdWatcher (below); Python 3.11 has no os.timerfd_*, hence ctypes.
+fd it fits the engine's FdWatcher (loop.py); Python 3.11 has no os.timerfd_*, hence ctypes.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Callable
-from typing import Any, Protocol
+
+from .loop import FdWatcher
 
 CLOCK_MONOTONIC = 1
 TFD_NONBLOCK = os.O_NONBLOCK
@@ -34,13 +35,6 @@ _timerfd_settime = _libc.timerfd_settime
 _timerfd_settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Itimerspec),
                              ctypes.c_void_p]
 _timerfd_settime.restype = ctypes.c_int
-
-
-class FdWatcher(Protocol):
-    """The part of an event loop the engine uses: watch fds for reading."""
-
-    def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> Any: ...
-    def remove_reader(self, fd: int) -> Any: ...
 
 
 class OneShotTimer:

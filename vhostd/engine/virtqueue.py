@@ -31,8 +31,9 @@ from .barrier import full_barrier
 from .dirtylog import DirtyLog
 from .dirtytrack import WriteTracker
 from .inflight import InflightQueue
+from .loop import FdWatcher
 from .memory import GuestMemory, GuestMemoryError
-from .timer import FdWatcher, OneShotTimer
+from .timer import OneShotTimer
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,28 @@ def kick_wait_us() -> int:
     except ValueError:
         return KICK_WAIT_DEFAULT_US
 
-# Handler result meaning "completion will be pushed later by the device" (the hook
-# for asynchronous I/O; every current device completes inline, and stop() would
-# have to wait for such requests once one does not).
+# Handler result meaning "the device completes this request later" with
+# complete(head, length): storage that waits, an admin command that waits for a member.
+# Such requests are ``outstanding``; whatever needs a quiet ring waits for them with
+# quiesce() / when_idle() instead of blocking.
 PENDING = -1
 
 # A request handler gets the chain head and the device-readable and device-writable
 # buffers in chain order; it returns the used length, or PENDING.
 Handler = Callable[[int, list[memoryview], list[memoryview]], int]
+
+
+def scatter(data: bytes, bufs: list[memoryview]) -> int:
+    """Copy ``data`` into device-writable buffers in order, as far as they reach; the
+    number of bytes written."""
+    off = 0
+    for buf in bufs:
+        if off == len(data):
+            break
+        n = min(len(buf), len(data) - off)
+        buf[:n] = data[off:off + n]
+        off += n
+    return off
 
 
 class RingError(Exception):
@@ -150,6 +165,9 @@ class SplitVirtqueue:
         self._timer: OneShotTimer | None = None
         self.kicks = 0  # statistics: driver notifications read from the kick eventfd
         self._resubmit: list[int] = []
+        self.outstanding = 0  # requests the device completes later (handler said PENDING)
+        self.quiescing = False  # take no new chains: a stop waits for the outstanding ones
+        self._idle_waiters: list[Callable[[], None]] = []
 
     # ---- moving between processes (queue workers) ----------------------------
     # A ring at rest (every taken chain completed and published) is fully described
@@ -161,7 +179,7 @@ class SplitVirtqueue:
 
     def export_state(self) -> dict[str, object]:
         """Configuration and position of a resolved ring at rest."""
-        assert not self._batch and not self._pending_writes, "ring is not at rest"
+        assert not self._batch and not self.outstanding, "ring is not at rest"
         state: dict[str, object] = {f: getattr(self, f)
                                     for f in self.CONFIG_FIELDS + self.POSITION_FIELDS}
         state["packed"] = False
@@ -219,6 +237,17 @@ class SplitVirtqueue:
         self.desc_addr, self.avail_addr, self.used_addr = gpas
         self._qva = None
         self._have_gpa = True
+
+    def ring_gpas(self) -> tuple[int, int, int] | None:
+        """The guest-physical (descriptor, driver, device) area addresses of a configured
+        ring whose addresses translate; None otherwise."""
+        if not self.configured:
+            return None
+        try:
+            self.translate_addr()
+        except RingError:
+            return None
+        return (self.desc_addr, self.avail_addr, self.used_addr) if self._qva is None else None
 
     def unconfigure(self) -> None:
         """Forget size and addresses (device reset, or parts saying "not set up")."""
@@ -290,15 +319,47 @@ class SplitVirtqueue:
     def stop(self) -> int:
         """Stop the ring and return the next available index to process.
 
-        Requests are completed inline, so once :meth:`process` returns nothing
-        this queue took is outstanding; publish what is left before answering.
+        Callers wait for :meth:`quiesce` first, so nothing this queue took is still
+        outstanding; publish what is left before answering. A request still at the
+        device (a forced stop) stays flagged in the inflight region, and its late
+        completion is dropped: a restarted back end serves it again.
         """
+        if self.outstanding:
+            log.warning("%s: stopped with %d request(s) still at the device", self.name,
+                        self.outstanding)
         if self.started and not self.broken:
             self._publish()
         self.started = False
+        self.quiescing = False
         self._resubmit = []
         self.drop_views()
         return self.base()
+
+    def quiesce(self, callback: Callable[[], None]) -> None:
+        """Take no new chains, and call ``callback`` once every taken chain has completed
+        and its used entry is published (now, if none is outstanding)."""
+        self.quiescing = True
+        self.when_idle(callback)
+
+    def when_idle(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once no request is outstanding (now, if none is)."""
+        if not self.outstanding:
+            if self.started and not self.broken:
+                self._publish()
+            callback()
+        else:
+            self._idle_waiters.append(callback)
+
+    def _idle(self) -> None:
+        if self.started and not self.broken:
+            self._publish()
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for cb in waiters:
+            try:
+                cb()
+            except Exception:
+                log.exception("%s: internal error after the last outstanding request",
+                              self.name)
 
     def base(self) -> int:
         """The ring position GET_VRING_BASE reports: the next available index."""
@@ -344,7 +405,7 @@ class SplitVirtqueue:
     @property
     def ready(self) -> bool:
         return (self.started and self.enabled and not self.broken and not self.suspended
-                and self.avail is not None)
+                and not self.quiescing and self.avail is not None)
 
     def describe(self) -> str:
         """One line of state for a person (SIGUSR1)."""
@@ -352,7 +413,7 @@ class SplitVirtqueue:
                  else "running" if self.ready else "started" if self.started
                  else "stopped")
         return (f"{self.name}: {state}, size {self.size}, {self.position()}, "
-                f"served {self.requests}, kicks {self.kicks}")
+                f"served {self.requests}, kicks {self.kicks}, outstanding {self.outstanding}")
 
     def position(self) -> str:
         line = f"next avail {self.last_avail_idx}, next used {self.used_idx}"
@@ -362,6 +423,21 @@ class SplitVirtqueue:
         return line
 
     # ---- data path ---------------------------------------------------------
+    def kicked(self, fd: int) -> bool:
+        """The kick eventfd ``fd`` is readable: count the kicks and serve the ring.
+        False if the fd cannot be read: the ring has failed and the caller must stop
+        watching the fd, or the loop would spin on it."""
+        try:
+            self.kicks += os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            self.stop_batching()
+            self.fail(f"cannot read the kick eventfd: {e.strerror}")
+            return False
+        self.process()
+        return True
+
     def process(self) -> None:
         """Drain every available chain, then publish and signal once."""
         if not self.ready:
@@ -444,6 +520,8 @@ class SplitVirtqueue:
                         self._pending_writes[head] = written
                 if n >= 0:
                     push(head, n)
+                else:
+                    self.outstanding += 1
 
     def _walk(self, head: int, written: list[tuple[int, int]] | None = None
               ) -> tuple[list[memoryview], list[memoryview]]:
@@ -514,24 +592,35 @@ class SplitVirtqueue:
         self._batch.append(head)
         self.requests += 1
 
-    def complete(self, head: int, length: int) -> None:
-        """Completion of a PENDING request: push, publish and signal."""
+    def complete(self, head: int, length: int, publish: bool = True) -> None:
+        """Completion of a PENDING request, in any order: write its used entry and
+        (unless ``publish`` is False: the caller completes a batch and calls
+        :meth:`publish` once) publish it and signal the driver."""
+        self.outstanding -= 1
         written = self._pending_writes.pop(head, None)
-        if not self.started or self.broken or self.used is None:
-            return
-        if written is None and (self.dirty_log is not None or self.tracker is not None):
-            # Taken before logging began: its buffers are still the device's until the
-            # used entry is written, so walk the chain again to learn them.
-            written = []
-            try:
-                self._walk(head, written)
-            except RingError as e:
-                self.fail(str(e))
-                return
-        if written:
-            self._mark_writes(written)
-        self.push_used(head, length)
-        self._publish()
+        if self.started and not self.broken and self.used is not None:
+            if written is None and (self.dirty_log is not None or self.tracker is not None):
+                # Taken before logging began: its buffers are still the device's until
+                # the used entry is written, so walk the chain again to learn them.
+                written = []
+                try:
+                    self._walk(head, written)
+                except RingError as e:
+                    self.fail(str(e))
+                    written = None
+            if not self.broken:
+                if written:
+                    self._mark_writes(written)
+                self.push_used(head, length)
+                if publish:
+                    self._publish()
+        if not self.outstanding and self._idle_waiters:
+            self._idle()
+
+    def publish(self) -> None:
+        """Publish used entries written by ``complete(..., publish=False)``."""
+        if self.started and not self.broken:
+            self._publish()
 
     def _publish(self) -> None:
         batch = self._batch
@@ -628,4 +717,5 @@ class SplitVirtqueue:
             self._mark_writes(written)
             self.push_used(head, n)
         else:
+            self.outstanding += 1
             self._pending_writes[head] = written

@@ -1,4 +1,4 @@
-"""Run devices on an event loop until SIGTERM/SIGINT; SIGHUP re-reads disk sizes;
+"""Run devices on an event loop until SIGTERM/SIGINT; SIGHUP re-reads storage sizes;
 SIGUSR1 logs the state of every ring."""
 
 from __future__ import annotations
@@ -9,21 +9,45 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from ..engine.backend import VhostUserBackend
+from ..core.pending import Pending
+from ..vhost_user.handler import VhostUserHandler
 from .server import DeviceServer
 from .worker import WorkerProcess
 
 log = logging.getLogger("vhostd")
 
+# How long SIGTERM waits for requests still at the storage before exiting anyway (they
+# stay in the inflight region, and a restarted vhostd serves them again).
+STOP_GRACE_SECONDS = 2.0
+
 
 @dataclass
 class Endpoint:
-    """A device's back end and where its front end connects."""
+    """A device's vhost-user handler and where its front end connects."""
 
-    backend: VhostUserBackend
+    handler: VhostUserHandler
     sock: socket.socket
     path: str | None
+
+
+async def wait_for(pending: Pending[Any] | Any) -> Any:
+    """Await a Pending (or take a plain value) on the running asyncio loop."""
+    if not isinstance(pending, Pending):
+        return pending
+    future = asyncio.get_running_loop().create_future()
+
+    def done(p: Pending[Any]) -> None:
+        if future.done():
+            return
+        try:
+            future.set_result(p.result())
+        except Exception as e:
+            future.set_exception(e)
+
+    pending.then(done)
+    return await future
 
 
 class Daemon:
@@ -33,32 +57,41 @@ class Daemon:
                  workers: list[WorkerProcess] | None = None) -> None:
         self.loop = loop
         self.stopping = asyncio.Event()
-        self.servers = [DeviceServer(loop, ep.backend, ep.sock, ep.path) for ep in endpoints]
+        self.servers = [DeviceServer(loop, ep.handler, ep.sock, ep.path) for ep in endpoints]
         self.workers = workers or []
         # Called once every socket is watched and the signal handlers are in place.
         self.on_ready: Callable[[], None] | None = None
         for worker in self.workers:
-            worker.watch(loop, self._worker_exited)
+            worker.attach(loop, self._worker_exited)
 
     def _worker_exited(self, worker: WorkerProcess) -> None:
         """A queue worker died: its rings are served by this process from now on."""
         for server in self.servers:
-            server.backend.host_died(worker)
+            server.handler.placement.worker_died(worker)
 
     def refresh_capacity(self) -> None:
-        """SIGHUP: a backing file may have grown; tell the front ends that changed."""
+        """SIGHUP: storage may have grown; tell the front ends whose device changed."""
         for server in self.servers:
-            changed = server.backend.refresh_capacity()
-            if changed and server.connection is not None:
-                server.backend.config_changed()
+            result = server.handler.refresh_capacity()
+            if isinstance(result, Pending):
+                result.then(_log_failure(server, "re-reading the size"))
 
     def report_state(self) -> None:
-        """SIGUSR1: every device's rings, one log line each."""
+        """SIGUSR1: every device's rings, one log line each, read where they run."""
         for server in self.servers:
             front = "a front end connected" if server.connection is not None else "no front end"
-            server.log.info("state: %s", front)
-            for line in server.backend.state_report():
-                server.log.info("state: %s", line)
+
+            def write(lines: list[str], server: DeviceServer = server, front: str = front
+                      ) -> None:
+                server.log.info("state: %s", front)
+                for line in lines:
+                    server.log.info("state: %s", line)
+
+            report = server.handler.state_report()
+            if isinstance(report, Pending):
+                report.map(write).then(_log_failure(server, "reporting state"))
+            else:
+                write(report)
         for worker in self.workers:
             log.info("state: queue worker %s pid %d", worker.name, worker.pid)
 
@@ -78,7 +111,30 @@ class Daemon:
             log.info("shutting down")
             for server in self.servers:
                 server.close()
+            await self._drain()
             for worker in self.workers:
                 worker.close()
             for server in self.servers:
-                server.backend.device.close()
+                server.handler.device.close()
+
+    async def _drain(self) -> None:
+        """Give requests still at the storage a moment to complete and be published."""
+        waits = [wait_for(s.draining) for s in self.servers if s.draining is not None]
+        if not waits:
+            return
+        log.info("waiting up to %.0f s for requests still at the storage", STOP_GRACE_SECONDS)
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), STOP_GRACE_SECONDS)
+        except TimeoutError:
+            log.warning("requests still at the storage after %.0f s; they stay in the "
+                        "inflight region for the next vhostd", STOP_GRACE_SECONDS)
+
+
+def _log_failure(server: DeviceServer, what: str) -> Any:
+    def check(p: Pending[Any]) -> None:
+        try:
+            p.result()
+        except Exception:
+            server.log.exception("internal error %s", what)
+
+    return check

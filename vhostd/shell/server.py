@@ -2,14 +2,16 @@
 
 This is the only layer that touches sockets. It moves bytes and fds between a unix
 socket and the sans-I/O protocol core, hands each validated message to the device's
-:class:`~vhostd.engine.backend.VhostUserBackend`, and sends the replies back.
-A front end that breaks the protocol gets a log line and a closed connection; the
-server then waits for the next front end, and other devices are not affected.
+:class:`~vhostd.vhost_user.handler.VhostUserHandler`, and sends the replies back.
+A reply may come later (a handler that waits for a ring to drain): the connection then
+reads nothing more from that front end until it is sent, and the loop serves everyone
+else meanwhile. A front end that breaks the protocol gets a log line and a closed
+connection; the server then waits for the next front end, and other devices are not
+affected.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
 import errno
 import logging
@@ -21,13 +23,16 @@ from vhostd_proto import vhost_user as vu
 from vhostd_proto.vhost_user import BackendRequest
 from vhostd_proto.vhost_user import Request as R
 
+from ..core import events
+from ..core.pending import Pending
 from ..core.protocol import BackendProtocol, Message, ProtocolError
-from ..engine.backend import VhostUserBackend
-from ..engine.memory import close_fds
+from ..engine.loop import close_fds
+from ..vhost_user.handler import Reply, VhostUserHandler
+from .fdpass import anc_space, fds_ancillary, take_fds
 
 log = logging.getLogger(__name__)
 
-_FD_SPACE = socket.CMSG_SPACE(vu.VHOST_USER_MAX_FDS * 4)
+_FD_SPACE = anc_space(vu.VHOST_USER_MAX_FDS)
 
 
 class StartupError(Exception):
@@ -120,12 +125,13 @@ class Connection:
         self.server = server
         self.sock = sock
         self.loop = server.loop
-        self.backend = server.backend
+        self.handler = server.handler
         self.log = server.log
-        self.protocol: BackendProtocol = self.backend.connect()
+        self.protocol: BackendProtocol = self.handler.connect()
         self.backend_channel: socket.socket | None = None
-        self.backend.send_backend_message = self.send_backend_message
+        self.handler.send_backend_message = self.send_backend_message
         self.closed = False
+        self.waiting: Pending[Reply] | None = None  # a reply not yet due; reading paused
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._readable)
 
@@ -153,7 +159,7 @@ class Connection:
             self.log.info("front end connection error: %s", e.strerror)
             self.close()
             return
-        fds = _take_fds(ancdata)
+        fds = take_fds(ancdata)
         if flags & socket.MSG_CTRUNC:
             raise ProtocolError(f"more than {vu.VHOST_USER_MAX_FDS} fds in one message", fds)
         if not data:
@@ -161,6 +167,7 @@ class Connection:
             self.log.info("front end disconnected")
             self.close()
             return
+        # Reads stop at the end of a header or payload: at most one message here.
         for msg in self.protocol.receive(data, fds):
             if self.closed:
                 close_fds(msg.fds)
@@ -173,9 +180,41 @@ class Connection:
         if msg.request is R.SET_BACKEND_REQ_FD:
             self._set_backend_channel(msg.fds[0])
             reply = self.protocol.ack(msg, True)
-            out = (reply, []) if reply is not None else None
+            out: Reply | Pending[Reply] = (reply, []) if reply is not None else None
         else:
-            out = self.backend.handle(msg)
+            out = self.handler.handle(msg)
+        if isinstance(out, Pending):
+            # The front end gets this reply before anything else is read from it.
+            self.waiting = out
+            self.loop.remove_reader(self.sock.fileno())
+            out.then(lambda p: self._reply_due(msg, p))
+            return
+        self._reply(out)
+
+    def _reply_due(self, msg: Message, p: Pending[Reply]) -> None:
+        self.waiting = None
+        if self.closed:
+            try:
+                out = p.result()
+            except Exception:
+                return
+            if out is not None:
+                close_fds(out[1])
+            return
+        try:
+            self._reply(p.result())
+        except ProtocolError as e:
+            self.log.error("front end protocol error: %s; closing the connection", e)
+            self.close()
+            return
+        except Exception:
+            self.log.exception("internal error handling %s; closing the connection",
+                               msg.request.name)
+            self.close()
+            return
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _reply(self, out: Reply) -> None:
         if out is not None:
             data, fds = out
             try:
@@ -184,10 +223,9 @@ class Connection:
                 close_fds(fds)
 
     def _send(self, data: bytes, fds: list[int]) -> None:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         # Replies are small and the front end waits for them; a full socket buffer
         # means the front end is not reading, which is fatal for the connection.
-        sent = self.sock.sendmsg([data], anc)
+        sent = self.sock.sendmsg([data], fds_ancillary(fds))
         if sent != len(data):
             raise ProtocolError("front end does not read its replies")
 
@@ -218,12 +256,15 @@ class Connection:
         return True
 
     def close(self) -> None:
+        """Close the connection. The device is free for the next front end once its
+        outstanding requests have completed (the server waits for that)."""
         if self.closed:
             return
         self.closed = True
-        self.loop.remove_reader(self.sock.fileno())
+        if self.waiting is None:
+            self.loop.remove_reader(self.sock.fileno())
         close_fds(self.protocol.pending_fds())
-        self.backend.disconnect()
+        self.handler.send_backend_message = None
         if self.backend_channel is not None:
             self.backend_channel.close()
             self.backend_channel = None
@@ -231,29 +272,30 @@ class Connection:
         self.server.connection_closed(self)
 
 
-def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
-
-
 class DeviceServer:
     """A device's listening socket; serves one front end at a time."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, backend: VhostUserBackend,
+    def __init__(self, loop: asyncio.AbstractEventLoop, handler: VhostUserHandler,
                  sock: socket.socket, path: str | None) -> None:
         self.loop = loop
-        self.backend = backend
+        self.handler = handler
         self.sock = sock
         self.path = path  # unlinked on close only if we bound it
-        self.log = logging.getLogger(f"vhostd.{backend.device.name}")
+        self.log = logging.getLogger(f"vhostd.{handler.name}")
         self.connection: Connection | None = None
+        # The last front end's disconnect, while requests it left are still at the
+        # device: no new front end is accepted until it resolves.
+        self.draining: Pending[None] | None = None
+        self.listening = False
         sock.setblocking(False)
-        loop.add_reader(sock.fileno(), self._accept)
+        self._listen(True)
+
+    def _listen(self, on: bool) -> None:
+        if on and not self.listening:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+        elif not on and self.listening:
+            self.loop.remove_reader(self.sock.fileno())
+        self.listening = on
 
     def _accept(self) -> None:
         try:
@@ -269,16 +311,35 @@ class DeviceServer:
             return
         self.log.info("front end connected")
         self.connection = Connection(self, conn)
+        events.emit(events.FRONTEND_CONNECTED, device=self.handler.name)
 
     def connection_closed(self, conn: Connection) -> None:
-        if self.connection is conn:
-            self.connection = None
-            self.log.info("waiting for a front end on %s", self.path or "inherited socket")
+        if self.connection is not conn:
+            return
+        self.connection = None
+        events.emit(events.FRONTEND_DISCONNECTED, device=self.handler.name)
+        pending = self.handler.disconnect()
+        if pending is None:
+            self._ready_for_next()
+            return
+        self.log.info("front end gone; waiting for requests still at the device")
+        self.draining = pending
+        self._listen(False)
+        pending.then(lambda _: self._drained())
+
+    def _drained(self) -> None:
+        self.draining = None
+        if self.sock.fileno() >= 0:
+            self._listen(True)
+            self._ready_for_next()
+
+    def _ready_for_next(self) -> None:
+        self.log.info("waiting for a front end on %s", self.path or "inherited socket")
 
     def close(self) -> None:
         if self.connection is not None:
             self.connection.close()
-        self.loop.remove_reader(self.sock.fileno())
+        self._listen(False)
         self.sock.close()
         if self.path:
             try:

@@ -45,7 +45,7 @@ def listen_fds(environ: dict[str, str] | None = None) -> ListenFds | None:
 
     Reads and removes ``LISTEN_PID``, ``LISTEN_FDS`` and ``LISTEN_FDNAMES`` from
     ``environ`` (default: ``os.environ``) and marks the fds close-on-exec, as
-    sd_listen_fds(1) does. Variables meant for another process (``LISTEN_PID`` is not
+    sd_listen_fds(3) does. Variables meant for another process (``LISTEN_PID`` is not
     ours) are removed too and count as none.
     """
     env = os.environ if environ is None else environ

@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 
 from vhostd_proto import virtio_admin as va
+from vhostd_proto.device_parts import Part, PartsFormatError, decode_parts
 from vhostd_proto.virtio_admin import PartType as P
 
-from ..engine.parts import Part, PartsError, decode_parts
 from ..frontend.admin import AdminCommandError, AdminDriver
 from .parts_stream import StreamError, export_parts, import_parts, read_records
 
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except AdminCommandError as e:
         print(f"vhostd-admin: {e}", file=sys.stderr)
         return 1
-    except (OSError, PartsError, RuntimeError, TimeoutError, ValueError, StreamError) as e:
+    except (OSError, PartsFormatError, RuntimeError, TimeoutError, ValueError, StreamError) as e:
         print(f"vhostd-admin: {e}", file=sys.stderr)
         return 1
 

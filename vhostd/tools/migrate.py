@@ -33,9 +33,9 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
+from vhostd_proto.device_parts import decode_parts
 from vhostd_proto.virtio_admin import DevPartVqCfg, PartType
 
-from ..engine.parts import decode_parts
 from ..frontend.admin import AdminDriver
 from .parts_stream import export_parts, import_parts
 

@@ -2,34 +2,33 @@
 
 A member's state as the owner reads and writes it: the common parts that have a
 vhost-user meaning, plus vhostd's vendor parts for what the spec leaves out (ring
-positions, device-type config the driver changed). This module encodes the parts of
-a :class:`~vhostd.engine.backend.VhostUserBackend` and checks a part list from the
-owner completely before anything is changed; the backend applies the result when
-the member resumes.
+positions, device-type config the driver changed). :func:`collect` builds the parts of
+a device from its vhost-user state, :func:`check` validates a part list from the owner
+completely before anything is changed; the member applies the result when it resumes
+(``member.py``). The list codec itself is wire format (``vhostd_proto.device_parts``).
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from vhostd_proto import virtio_admin as va
+from vhostd_proto.device_parts import NO_SELECTOR as _NO_SELECTOR
+from vhostd_proto.device_parts import Part, part_name, vq_selector
 from vhostd_proto.vhost_user import VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES
 from vhostd_proto.virtio import VIRTQ_MAX_SIZE, Feature
 from vhostd_proto.virtio_admin import PartType as P
 
-if TYPE_CHECKING:
-    from .backend import VhostUserBackend
+from ..engine.virtqueue import SplitVirtqueue
 
 # Feature bits that belong to vhost-user, not to the virtio device.
 VHOST_ONLY_FEATURES = 1 << VHOST_USER_F_PROTOCOL_FEATURES | 1 << VHOST_F_LOG_ALL
 FEATURE_WORDS = 1  # DEV/DRV_FEATURES carry one le64 word: vhostd has no bit above 63
 
-_PART_HDR = struct.Struct("<HBB8sI")
 _U16 = struct.Struct("<H")
 _U64 = struct.Struct("<Q")
-_NO_SELECTOR = bytes(8)
 
 # Sizes of the virtio_pci_common_cfg fields a PCI_COMMON_CFG part may select.
 PCI_COMMON_CFG_FIELDS = {0: 4, 4: 4, 8: 4, 12: 4, 16: 2, 18: 2, 20: 1, 21: 1, 22: 2, 24: 2,
@@ -69,55 +68,25 @@ class PartsError(Exception):
         self.qualifier = qualifier
 
 
-@dataclass(frozen=True)
-class Part:
-    part_type: int
-    flags: int
-    selector: bytes
-    value: bytes
+class PartsDevice(Protocol):
+    """What the parts of a device are made from (its device-type half)."""
 
-    def encode(self) -> bytes:
-        return _PART_HDR.pack(self.part_type, self.flags, 0, self.selector,
-                              len(self.value)) + self.value
+    num_queues: int
+    max_queue_size: int
 
-    def header(self) -> bytes:
-        return self.encode()[:va.PART_HDR_SIZE]
-
-    @property
-    def vq_index(self) -> int:
-        return _U16.unpack_from(self.selector)[0]
+    def get_parts(self) -> list[tuple[int, bytes]]: ...
+    def part_lengths(self) -> list[tuple[int, int]]: ...
+    def check_part(self, part_type: int, value: bytes) -> None: ...
 
 
-def vq_selector(index: int) -> bytes:
-    return _U16.pack(index) + bytes(6)
+class PartsSource(Protocol):
+    """What the parts of a member are made from: its vhost-user state."""
 
-
-def encode_parts(parts: list[Part]) -> bytes:
-    return b"".join(p.encode() for p in parts)
-
-
-def decode_parts(data: bytes) -> list[Part]:
-    """Split a part list; a header or value running past the end is an error."""
-    parts = []
-    off = 0
-    while off < len(data):
-        if len(data) - off < va.PART_HDR_SIZE:
-            raise PartsError(f"{len(data) - off} stray bytes after the last part")
-        ptype, flags, _res, selector, length = _PART_HDR.unpack_from(data, off)
-        off += va.PART_HDR_SIZE
-        if length > len(data) - off:
-            raise PartsError(f"part {ptype:#x} claims {length} bytes, "
-                             f"{len(data) - off} remain")
-        parts.append(Part(ptype, flags, selector, data[off:off + length]))
-        off += length
-    return parts
-
-
-def part_name(part_type: int) -> str:
-    try:
-        return P(part_type).name
-    except ValueError:
-        return f"part {part_type:#x}"
+    device: PartsDevice
+    queues: list[SplitVirtqueue]
+    offered_features: int
+    features: int
+    status: int
 
 
 @dataclass
@@ -144,39 +113,36 @@ def virtio_features(features: int) -> int:
     return features & ~VHOST_ONLY_FEATURES
 
 
-def collect(backend: VhostUserBackend) -> list[Part]:
+def collect(source: PartsSource) -> list[Part]:
     """The member's parts now, in the order the spec requires."""
-    dev = backend.device
+    dev = source.device
     parts = [
         Part(P.VIRTIO_DEV_PART_DEV_FEATURES, 1 << va.VIRTIO_DEV_PART_F_OPTIONAL, _NO_SELECTOR,
-             _U64.pack(virtio_features(backend.info.features))),
+             _U64.pack(virtio_features(source.offered_features))),
         Part(P.VIRTIO_DEV_PART_DRV_FEATURES, 0, _NO_SELECTOR,
-             _U64.pack(virtio_features(backend.features))),
+             _U64.pack(virtio_features(source.features))),
         Part(P.VIRTIO_DEV_PART_PCI_COMMON_CFG, 0,
              struct.pack("<I4x", va.VIRTIO_PCI_COMMON_NUMQ), _U16.pack(dev.num_queues)),
-        Part(P.VIRTIO_DEV_PART_DEVICE_STATUS, 0, _NO_SELECTOR, bytes([backend.status])),
+        Part(P.VIRTIO_DEV_PART_DEVICE_STATUS, 0, _NO_SELECTOR, bytes([source.status])),
     ]
-    for q in backend.queues:
-        try:
-            q.translate_addr()
-        except Exception:  # an untranslatable ring reads as unconfigured
-            pass
-        configured = q.configured and q._qva is None
+    for q in source.queues:
+        gpas = q.ring_gpas()  # an untranslatable ring reads as unconfigured
+        desc, driver, device = gpas if gpas is not None else (0, 0, 0)
         parts.append(Part(P.VIRTIO_DEV_PART_VQ_CFG, 0, vq_selector(q.index), va.DevPartVqCfg.build({
-            "queue_size": q.size if configured else 0,
+            "queue_size": q.size if gpas is not None else 0,
             "vector": q.vector,
             "enabled": int(q.enabled),
             "reserved": 0,
-            "queue_desc": q.desc_addr if configured else 0,
-            "queue_driver": q.avail_addr if configured else 0,
-            "queue_device": q.used_addr if configured else 0,
+            "queue_desc": desc,
+            "queue_driver": driver,
+            "queue_device": device,
         })))
-    for q in backend.queues:
+    for q in source.queues:
         parts.append(Part(P.VIRTIO_DEV_PART_VQ_NOTIFY_CFG, 0, vq_selector(q.index),
                           va.DevPartVqNotifyData.build({
                               "queue_notify_off": q.index, "queue_notif_config_data": 0,
                               "reserved": bytes(4)})))
-    for q in backend.queues:
+    for q in source.queues:
         parts.append(Part(P.VHOSTD_DEV_PART_VQ_STATE, 0, vq_selector(q.index),
                           va.VhostdVqState.build({
                               "last_avail_idx": q.last_avail_idx, "used_idx": q.used_idx,
@@ -188,9 +154,9 @@ def collect(backend: VhostUserBackend) -> list[Part]:
     return parts
 
 
-def check(backend: VhostUserBackend, parts: list[Part]) -> StagedParts:
+def check(source: PartsSource, parts: list[Part]) -> StagedParts:
     """Validate a whole part list against this member; raise PartsError on any fault."""
-    dev = backend.device
+    dev = source.device
     staged = StagedParts()
     device_types = dict(dev.part_lengths())
     rank = -1
@@ -224,7 +190,7 @@ def check(backend: VhostUserBackend, parts: list[Part]) -> StagedParts:
                 raise PartsError(f"{name}: no common config field at offset {offset}")
         if len(part.value) != want:
             raise PartsError(f"{name}: value is {len(part.value)} bytes, expected {want}")
-        _check_one(backend, part, staged)
+        _check_one(source, part, staged)
     return staged
 
 
@@ -232,25 +198,25 @@ _SELECTED = {P.VIRTIO_DEV_PART_PCI_COMMON_CFG, P.VIRTIO_DEV_PART_VQ_CFG,
              P.VIRTIO_DEV_PART_VQ_NOTIFY_CFG, P.VHOSTD_DEV_PART_VQ_STATE}
 
 
-def _queue_index(backend: VhostUserBackend, part: Part) -> int:
+def _queue_index(source: PartsSource, part: Part) -> int:
     index = part.vq_index
-    if index >= len(backend.queues):
+    if index >= len(source.queues):
         raise PartsError(f"{part_name(part.part_type)}: queue {index} does not exist "
-                         f"(member has {len(backend.queues)})")
+                         f"(member has {len(source.queues)})")
     return index
 
 
-def _check_one(backend: VhostUserBackend, part: Part, staged: StagedParts) -> None:
+def _check_one(source: PartsSource, part: Part, staged: StagedParts) -> None:
     ptype = part.part_type
-    dev = backend.device
+    dev = source.device
     if ptype == P.VIRTIO_DEV_PART_DEV_FEATURES:
-        ours = virtio_features(backend.info.features)
+        ours = virtio_features(source.offered_features)
         theirs = _U64.unpack(part.value)[0]
         if theirs != ours:
             raise PartsError(f"device features {theirs:#x} differ from this member's {ours:#x}")
     elif ptype == P.VIRTIO_DEV_PART_DRV_FEATURES:
         drv = _U64.unpack(part.value)[0]
-        extra = drv & ~virtio_features(backend.info.features)
+        extra = drv & ~virtio_features(source.offered_features)
         if extra:
             raise PartsError(f"driver features {drv:#x} include {extra:#x}, which this member "
                              f"does not offer")
@@ -265,7 +231,7 @@ def _check_one(backend: VhostUserBackend, part: Part, staged: StagedParts) -> No
     elif ptype == P.VIRTIO_DEV_PART_DEVICE_STATUS:
         staged.status = part.value[0]
     elif ptype == P.VIRTIO_DEV_PART_VQ_CFG:
-        index = _queue_index(backend, part)
+        index = _queue_index(source, part)
         cfg = va.DevPartVqCfg.parse(part.value)
         size = cfg.queue_size
         if size and (size & (size - 1) or size > min(VIRTQ_MAX_SIZE, dev.max_queue_size)):
@@ -275,15 +241,15 @@ def _check_one(backend: VhostUserBackend, part: Part, staged: StagedParts) -> No
             raise PartsError(f"queue {index}: enabled is {cfg.enabled}")
         staged.vq_cfg[index] = cfg
     elif ptype == P.VIRTIO_DEV_PART_VQ_NOTIFY_CFG:
-        index = _queue_index(backend, part)
+        index = _queue_index(source, part)
         notify = va.DevPartVqNotifyData.parse(part.value)
         if notify.queue_notify_off != index or notify.queue_notif_config_data != 0:
             raise PartsError(f"queue {index}: notify config {notify.queue_notify_off}/"
                              f"{notify.queue_notif_config_data} differs from this member's")
     elif ptype == P.VHOSTD_DEV_PART_VQ_STATE:
-        index = _queue_index(backend, part)
+        index = _queue_index(source, part)
         state = va.VhostdVqState.parse(part.value)
-        packed = bool(backend.features & 1 << Feature.VIRTIO_F_RING_PACKED)
+        packed = bool(source.features & 1 << Feature.VIRTIO_F_RING_PACKED)
         if staged.drv_features is not None:
             packed = bool(staged.drv_features & 1 << Feature.VIRTIO_F_RING_PACKED)
         if not packed and (state.avail_wrap_counter or state.used_wrap_counter):

@@ -1,4 +1,5 @@
-"""Devices rebuilt inside a queue worker process from what the main process sends."""
+"""The device kinds a queue worker can rebuild from what the main process sends
+(``worker_spec()`` of a device)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from .blk import BlkDevice
 
 # kind -> constructor taking (spec, fds); the constructor adopts the fds.
 _KINDS: dict[str, Callable[[dict[str, object], list[int]], object]] = {
-    "blk": BlkDevice.from_offload_spec,
+    "blk": BlkDevice.from_worker_spec,
 }
 
 

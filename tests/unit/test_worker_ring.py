@@ -1,4 +1,4 @@
-"""Moving a ring between processes (engine/offload.py), within one process: a queue's
+"""Moving a ring between processes (engine/worker_ring.py), within one process: a queue's
 state exported, sent through JSON as the worker channel carries it, imported, served
 and handed back; the write tracker's bitmaps merged; a bad spec refused cleanly."""
 
@@ -25,12 +25,12 @@ from unit_support import (
 )
 
 from vhostd.devices.blk import BlkDevice
-from vhostd.devices.offload import device_from_spec
+from vhostd.devices.registry import device_from_spec
 from vhostd.engine.dirtytrack import WriteTracker
 from vhostd.engine.inflight import InflightRegion
-from vhostd.engine.offload import RingWork, ring_spec
 from vhostd.engine.packed import PackedVirtqueue, set_layout
 from vhostd.engine.virtqueue import PENDING, RingError, SplitVirtqueue
+from vhostd.engine.worker_ring import WorkerRing, ring_spec
 
 QS = 8
 RING0 = (0x0000, 0x0200, 0x0400)
@@ -212,7 +212,15 @@ def test_write_tracker_merge_ors_bitmaps_and_adds_marks() -> None:
         main.merge(worker.bitmaps()[:1], 0)  # not made from params(): refused
 
 
-# ---- RingWork: a ring served "in a worker" --------------------------------------------
+# ---- WorkerRing: a ring served "in a worker" --------------------------------------------
+
+
+def recalled(work: WorkerRing) -> Any:
+    """The state a recall hands back (the ring must have nothing outstanding)."""
+    got: list[Any] = []
+    work.recall(got.append)
+    assert len(got) == 1, "the recall waits for requests still at the device"
+    return got[0]
 
 
 def _blk_ring(ring: Ring, make_blk: Callable[..., BlkDevice], eventfd: Callable[[], int]
@@ -232,7 +240,7 @@ def test_ring_work_serves_and_hands_back(ring: Ring, ram: GuestRam, image: Path,
     baseline = open_fds()
     spec, fds = ring_spec(q, ram.memory, dev, None, tracker)
     spec = wire(spec)
-    work = RingWork(spec, [os.dup(fd) for fd in fds], loop, device_from_spec)
+    work = WorkerRing(spec, [os.dup(fd) for fd in fds], loop, device_from_spec)
     # One blk write of 512 bytes to sector 2: header, data, status.
     ram.write(BUF, struct.pack("<IIQ", T_OUT, 0, 2))
     ram.write(BUF + 0x100, b"\xab" * 512)
@@ -242,7 +250,7 @@ def test_ring_work_serves_and_hands_back(ring: Ring, ram: GuestRam, image: Path,
     work.q.process()
     assert ring.used_elems() == [(0, 1)] and ram.read(BUF + 0x400, 1) == b"\0"
     assert eventfd_count(q.call_fd) == 1  # the worker signals the very same eventfd
-    back = wire(work.recall())
+    back = wire(recalled(work))
     assert open_fds() == baseline, "the worker's copy leaked fds"
     with open(image, "rb") as f:
         f.seek(2 * 512)
@@ -279,7 +287,7 @@ def test_ring_work_with_the_ring_outside_its_memory_fails_cleanly(
     spec["memory"] = [m for m in spec["memory"] if m[0] != 0]
     sent = [os.dup(fd) for fd in fds]
     with pytest.raises(RingError, match="not in guest memory"):
-        RingWork(spec, sent, loop, device_from_spec)
+        WorkerRing(spec, sent, loop, device_from_spec)
     assert open_fds() == baseline, "fds leaked by the refused ring"
     # The caller's queue and fds are untouched: it still serves.
     writes(ring, [0])
@@ -297,5 +305,50 @@ def test_ring_work_with_an_unknown_device_fails_cleanly(
     spec = wire(spec)
     spec["device"]["kind"] = "net"
     with pytest.raises(ValueError, match="net"):
-        RingWork(spec, [os.dup(fd) for fd in fds], loop, device_from_spec)
+        WorkerRing(spec, [os.dup(fd) for fd in fds], loop, device_from_spec)
     assert open_fds() == baseline, "fds leaked by the refused device"
+
+
+class _SlowDevice:
+    """A device whose requests complete when the test says so."""
+
+    def __init__(self) -> None:
+        self.q: SplitVirtqueue | None = None
+        self.taken: list[int] = []
+
+    def make_handler(self, q: SplitVirtqueue) -> Callable[..., int]:
+        self.q = q
+
+        def handle(head: int, readable: list[memoryview], writable: list[memoryview]) -> int:
+            self.taken.append(head)
+            return PENDING
+
+        return handle
+
+    def close(self) -> None:
+        pass
+
+
+def test_recall_waits_for_requests_still_at_the_device(
+        ring: Ring, ram: GuestRam, make_blk: Callable[..., BlkDevice],
+        eventfd: Callable[[], int], loop: asyncio.AbstractEventLoop) -> None:
+    q, dev = _blk_ring(ring, make_blk, eventfd)
+    spec, fds = ring_spec(q, ram.memory, dev, None, None)
+    slow = _SlowDevice()
+    work = WorkerRing(wire(spec), [os.dup(fd) for fd in fds], loop, lambda s, f: slow)
+    writes(ring, [0, 1])
+    ring.publish(0, 1)
+    work.q.process()
+    assert slow.taken == [0, 1] and work.q.outstanding == 2
+    got: list[Any] = []
+    work.recall(got.append)
+    assert got == []  # two requests are still at the device
+    ring.publish(2)
+    assert slow.taken == [0, 1]  # a recalled ring takes nothing new
+    work.q.complete(1, 1)
+    assert got == [] and ring.used_elems() == [(1, 1)]  # out of order, published
+    work.q.complete(0, 1)
+    assert len(got) == 1
+    q.import_position(wire(got[0])["ring"])
+    assert (q.last_avail_idx, q.used_idx) == (2, 2)
+    assert ring.used_elems() == [(1, 1), (0, 1)]

@@ -1,44 +1,48 @@
-"""Generic vhost-user device side: memory table, rings, inflight region, features.
+"""The device side of vhost-user: validated messages in, replies (now or later) out.
 
-A :class:`VhostUserBackend` turns validated messages from the protocol core into
-changes of guest memory and virtqueue state, and asks its :class:`VirtioDevice`
-(blk, owner, ...) only for what is device specific: feature bits, config space and
-the request handler of each queue. It never touches a socket: kick fds are watched
-through the :class:`FdWatcher` it is given (the event loop satisfies it), and
-back-end-initiated messages leave through the ``send_backend_message`` callback.
+A :class:`VhostUserHandler` turns messages from the protocol core into changes of
+guest memory and ring state, and asks its :class:`VirtioDevice` (blk, owner, ...) only
+for what is device specific: feature bits, config space, device parts and the request
+handler of each queue. It never touches a socket: kicks are watched through the loop
+it is given, back-end messages leave through ``send_backend_message``.
+
+A handler may have to wait: GET_VRING_BASE until the ring's outstanding requests have
+completed, a reset until every ring's have, any message touching ring state until
+rings served by queue workers are home (the ``rings`` column of the core's ``RULES``;
+placement.py). It then returns a :class:`~vhostd.core.pending.Pending` reply; the
+shell sends the reply when it resolves and reads nothing more from that front end
+meanwhile, while the loop serves everyone else.
 """
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from vhostd_proto import vhost_user as vu
 from vhostd_proto.vhost_user import BackendRequest
 from vhostd_proto.virtio import Feature
 
-from ..core.protocol import BackendProtocol, DeviceInfo, Message, ProtocolError
-from .dirtylog import DirtyLog
-from .dirtytrack import WriteTracker
-from .inflight import InflightRegion
-from .memory import GuestMemory, GuestMemoryError, close_fds
-from .offload import HostError, RingHost, ring_spec
-from .packed import PackedVirtqueue, set_layout
-from .parts import VHOST_ONLY_FEATURES, Part, PartsError, StagedParts
-from .parts import check as check_parts
-from .parts import collect as collect_parts
-from .timer import FdWatcher
-from .virtqueue import Handler, RingError, SplitVirtqueue
+from ..core import events
+from ..core.pending import Pending, after, all_of
+from ..core.protocol import RULES, BackendProtocol, DeviceInfo, Message, ProtocolError, RingScope
+from ..engine.dirtylog import DirtyLog
+from ..engine.dirtytrack import WriteTracker
+from ..engine.inflight import InflightRegion
+from ..engine.loop import Loop, close_fds
+from ..engine.memory import GuestMemory, GuestMemoryError
+from ..engine.packed import PackedVirtqueue, set_layout
+from ..engine.virtqueue import Handler, RingError, SplitVirtqueue
+from ..engine.worker_ring import Spec, ring_spec
+from .placement import RingPlacement
 
 log = logging.getLogger(__name__)
 
 
 class VirtioDevice(Protocol):
-    """What a device type supplies to the generic back end."""
+    """What a device type supplies to the vhost-user handler."""
 
     name: str
     num_queues: int
@@ -59,21 +63,9 @@ class VirtioDevice(Protocol):
     def apply_part(self, part_type: int, value: bytes) -> None: ...
 
 
-class MemberMode(enum.Enum):
-    """DEV_MODE_SET state of a member, as its owner sets it."""
-
-    RUNNING = "running"
-    STOPPED = "stopped"
-    FROZEN = "frozen"  # vhostd extension: stopped, and the parts are final
-
-
 # Device status bits (virtio), derived for a vhost-user device.
 STATUS_ACKNOWLEDGE_DRIVER_FEATURES_OK = 0x1 | 0x2 | 0x8
 STATUS_DRIVER_OK = 0x4
-
-
-class TrackerBusy(Exception):
-    """Write tracking is already on for this member."""
 
 
 class RequestFailed(Exception):
@@ -101,17 +93,23 @@ PROTOCOL_FEATURES = (
     | 1 << vu.ProtocolFeature.CONFIGURE_MEM_SLOTS
 )
 
+# What a message handler gives back: a reply body, a body and fds, nothing, or any of
+# those later.
+Result = bytes | tuple[bytes, list[int]] | None
+Reply = tuple[bytes, list[int]] | None
 
-class VhostUserBackend:
+
+class VhostUserHandler:
     """The vhost-user device side of one virtio device.
 
     The device and its config survive front-end reconnects; memory, rings and the
     protocol state belong to one connection and are dropped with it.
     """
 
-    def __init__(self, device: VirtioDevice, watcher: FdWatcher) -> None:
+    def __init__(self, device: VirtioDevice, loop: Loop) -> None:
         self.device = device
-        self.watcher = watcher
+        self.name = device.name
+        self.loop = loop
         self.log = logging.getLogger(f"vhostd.{device.name}")
         self.info = DeviceInfo(
             features=device.device_features() | ENGINE_FEATURES,
@@ -128,126 +126,44 @@ class VhostUserBackend:
             q.handler = device.make_handler(q)
         self.inflight: InflightRegion | None = None
         self.dirty_log: DirtyLog | None = None
-        self.tracker: WriteTracker | None = None
+        self.tracker: WriteTracker | None = None  # the owner's write tracking (member.py)
         self.features = 0
+        self.status = 0
         self.send_backend_message: Callable[[BackendRequest, bytes], bool] | None = None
         self.protocol: BackendProtocol | None = None
-        # Member state the owner device reads and writes (engine/parts.py).
-        self.mode = MemberMode.RUNNING
-        self.status = 0
-        self.staged: StagedParts | None = None
-        self.frozen_parts: list[Part] | None = None
+        # The owner stopped this device (it is a member): no ring is served, no kick
+        # read, no CONFIG_CHANGE sent (it waits in _config_change_latched).
+        self.paused = False
         self._config_change_latched = False
-        # Queue workers (engine/offload.py): which process serves each ring.
-        self.hosts: list[RingHost | None] = [None] * device.num_queues
-        self._away: dict[int, RingHost] = {}
-        self._home_depth = 0
-        self._watching: dict[int, int] = {}  # queue index -> kick fd watched here
+        # Called after a device reset by the front end (the member forgets its staging).
+        self.reset_listeners: list[Callable[[], None]] = []
+        self.placement = RingPlacement(self, loop)
 
-    # ---- queue workers -------------------------------------------------------
-    def set_hosts(self, hosts: list[RingHost | None]) -> None:
-        """Let ``hosts[i]`` serve ring i (None: this process). Before any front end."""
-        if len(hosts) != len(self.queues):
-            raise ValueError(f"{len(hosts)} hosts for {len(self.queues)} queues")
-        if any(hosts) and not hasattr(self.device, "offload_spec"):
-            raise ValueError(f"{self.device.name}: its queues cannot run in a worker")
-        self.hosts = list(hosts)
-
-    @contextlib.contextmanager
-    def rings_home(self) -> Iterator[None]:
-        """Every ring in this process for the duration: control paths then see and
-        change ring state as if no worker existed; ready rings leave again after."""
-        self._home_depth += 1
-        try:
-            if self._home_depth == 1 and self._away:
-                self._recall()
-            yield
-        finally:
-            self._home_depth -= 1
-            if self._home_depth == 0 and any(self.hosts):
-                self._send_away()
-
-    def _ring_key(self, index: int) -> str:
-        return f"{self.device.name}/{index}"
-
-    def _recall(self) -> None:
-        by_host: dict[int, tuple[RingHost, list[int]]] = {}
-        for index, host in self._away.items():
-            by_host.setdefault(id(host), (host, []))[1].append(index)
-        self._away = {}
-        for host, indices in by_host.values():
-            try:
-                states = host.recall([self._ring_key(i) for i in indices])
-            except HostError as e:
-                for i in indices:
-                    self._lost(self.queues[i], host, str(e))
-                continue
-            for i in indices:
-                back = states.get(self._ring_key(i))
-                if back is None:
-                    self._lost(self.queues[i], host, "it no longer had the ring")
-                else:
-                    self._came_home(self.queues[i], back)
-
-    def _came_home(self, q: SplitVirtqueue, back: dict[str, Any]) -> None:
-        q.import_position(back["ring"])
-        if self.dirty_log is not None:
-            self.dirty_log.marked += back["log_marked"]
-        t = back["tracker"]
-        if t is not None and self.tracker is not None:
-            self.tracker.merge([bytes.fromhex(b) for b in t["bitmaps"]], t["marked"])
-
-    def _lost(self, q: SplitVirtqueue, host: RingHost, why: str) -> None:
-        """The worker serving ``q`` is gone: serve the ring here from now on, picking
-        it up as after a back-end restart (the guest's used index, the inflight
-        region)."""
-        self.log.error("%s: worker %s failed (%s); this process serves the ring from now on",
-                       q.name, host.name, why)
-        self._forget_host(host)
-        if q.started and q.configured:
-            q.started = False
-            q.start(self.memory)
-            if q.inflight is None:
-                q.last_avail_idx = q.used_idx
-            # The worker may have read the last kick: look at the ring now.
-            q.process()
-
-    def host_died(self, host: RingHost) -> None:
-        """A worker exited: its rings come back (and restart) here at once, even if no
-        control message would have recalled them."""
-        if not any(h is host for h in self.hosts):
-            return
-        with self.rings_home():
-            self._forget_host(host)
-
-    def _forget_host(self, host: RingHost) -> None:
-        """This process serves every ring ``host`` was to serve."""
-        self.hosts = [None if h is host else h for h in self.hosts]
-        for q in self.queues:
-            self._update_watch(q)
-
-    def _send_away(self) -> None:
-        for q in self.queues:
-            host = self.hosts[q.index]
-            if host is None or q.index in self._away or not q.ready or q.kick_fd is None:
-                continue
-            spec, fds = ring_spec(q, self.memory, self.device, self.inflight, self.tracker)
-            try:
-                host.run(self._ring_key(q.index), spec, fds)
-            except HostError as e:
-                self._lost(q, host, str(e))
-                continue
-            self._away[q.index] = host
+    @property
+    def offered_features(self) -> int:
+        return self.info.features
 
     # ---- connection lifecycle ---------------------------------------------
     def connect(self) -> BackendProtocol:
         self.protocol = BackendProtocol(self.info)
         return self.protocol
 
-    def disconnect(self) -> None:
-        """The front end went away: stop every ring, drop its memory and fds."""
-        with self.rings_home():
-            self._disconnect()
+    def disconnect(self) -> Pending[None] | None:
+        """The front end went away: stop every ring once its outstanding requests have
+        completed, then drop the connection's memory and fds. A Pending while requests
+        are still at the device; the device takes no new front end until it resolves."""
+        everything = range(len(self.queues))
+        waiting = self.placement.hold(everything)
+        done = after(waiting, lambda _: self._quiet(self.queues, self._disconnect))
+
+        def release(_: Any) -> None:
+            self.placement.release(everything)
+
+        if isinstance(done, Pending):
+            done.then(release)
+            return done
+        release(None)
+        return None
 
     def _disconnect(self) -> None:
         served = [q.requests for q in self.queues]
@@ -262,6 +178,7 @@ class VhostUserBackend:
         for q in self.queues:
             if q.started:
                 q.stop()
+            q.quiescing = False
             self._drop_ring_fds(q)
             q.detach_memory()
             q.inflight = None
@@ -283,12 +200,27 @@ class VhostUserBackend:
                 os.close(fd)
                 setattr(q, attr, None)
 
-    # ---- dispatch ----------------------------------------------------------
-    def handle(self, msg: Message) -> tuple[bytes, list[int]] | None:
-        """Carry out ``msg``; return the reply due (bytes and fds to send) or None.
+    def _quiet(self, queues: list[SplitVirtqueue], then: Callable[[], Any]) -> Any:
+        """``then()`` once every ring in ``queues`` has stopped taking chains and its
+        outstanding requests have completed: now if none is outstanding, else a
+        Pending of it."""
+        waits: list[Pending[None]] = []
+        for q in queues:
+            p: Pending[None] = Pending()
+            q.quiesce(lambda p=p: p.resolve(None))
+            waits.append(p)
+        ready = all_of(waits)
+        if ready is None:
+            return then()
+        return ready.map(lambda _: then())
 
-        fds in ``msg`` become this object's responsibility; fds in the reply are
-        the caller's to close once sent.
+    # ---- dispatch ----------------------------------------------------------
+    def handle(self, msg: Message) -> Reply | Pending[Reply]:
+        """Carry out ``msg``; the reply due (bytes and fds to send) or None, now or as
+        a Pending.
+
+        fds in ``msg`` become this object's responsibility; fds in the reply are the
+        caller's to close once sent.
         """
         protocol = self.protocol
         assert protocol is not None
@@ -299,13 +231,56 @@ class VhostUserBackend:
         if handler is None:
             close_fds(msg.fds)
             raise ProtocolError(f"{msg.request.name} has no handler")
+        scope = RULES[msg.request].rings
+        rings = (range(len(self.queues)) if scope is RingScope.ALL
+                 else [msg.ring] if scope is RingScope.ONE and msg.ring is not None else [])
+        home = self.placement.hold(rings)
         try:
-            with self.rings_home():
-                result = handler(msg)
+            result = after(home, lambda _: self._run(handler, msg, protocol))
+        except BaseException:
+            self._release(rings)
+            raise
+        if isinstance(result, Pending):
+            out: Pending[Reply] = Pending()
+
+            def finish(p: Pending[Reply]) -> None:
+                # The reply is due whatever happens when the rings leave again.
+                self._release(rings)
+                try:
+                    out.resolve(p.result())
+                except Exception as e:
+                    out.fail(e)
+
+            result.then(finish)
+            return out
+        self._release(rings)
+        return result
+
+    def _release(self, rings: range | list[int]) -> None:
+        """End a hold; a failure to send a ring away again is logged, never lost in a
+        callback (the ring is then served here)."""
+        try:
+            self.placement.release(rings)
+        except Exception:
+            self.log.exception("internal error sending rings back to their worker")
+
+    def _run(self, handler: Callable[[Message], Result | Pending[Result]], msg: Message,
+             protocol: BackendProtocol) -> Reply | Pending[Reply]:
+        try:
+            result = handler(msg)
         except RequestFailed as e:
-            self.log.error("%s failed: %s", msg.request.name, e)
-            nack = protocol.ack(msg, False)
-            return (nack, []) if nack is not None else None
+            return self._nack(msg, protocol, e)
+        if isinstance(result, Pending):
+            return result.map(lambda r: self._reply(msg, protocol, r))
+        return self._reply(msg, protocol, result)
+
+    def _nack(self, msg: Message, protocol: BackendProtocol, e: RequestFailed) -> Reply:
+        self.log.error("%s failed: %s", msg.request.name, e)
+        nack = protocol.ack(msg, False)
+        return (nack, []) if nack is not None else None
+
+    @staticmethod
+    def _reply(msg: Message, protocol: BackendProtocol, result: Result) -> Reply:
         if isinstance(result, bytes):
             return protocol.reply(msg, result), []
         if isinstance(result, tuple):
@@ -318,14 +293,14 @@ class VhostUserBackend:
     def _on_set_features(self, msg: Message) -> None:
         assert self.protocol is not None
         features = self.protocol.acked_features
-        self._apply_features(features)
+        self.apply_features(features)
         if not features & 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES:
             # Without protocol features rings are enabled as soon as they start.
             for q in self.queues:
                 q.enabled = True
         self.status |= STATUS_ACKNOWLEDGE_DRIVER_FEATURES_OK
 
-    def _apply_features(self, features: int) -> None:
+    def apply_features(self, features: int) -> None:
         packed = bool(features & 1 << Feature.VIRTIO_F_RING_PACKED)
         if features and features != self.features:
             self.log.info("features %#x acked: %s rings%s", features,
@@ -350,11 +325,11 @@ class VhostUserBackend:
     def _on_set_owner(self, msg: Message) -> None:
         pass
 
-    def _on_reset_owner(self, msg: Message) -> None:
-        self._reset()
+    def _on_reset_owner(self, msg: Message) -> Any:
+        return self._quiet(self.queues, self._reset)
 
-    def _on_reset_device(self, msg: Message) -> None:
-        self._reset()
+    def _on_reset_device(self, msg: Message) -> Any:
+        return self._quiet(self.queues, self._reset)
 
     def _reset(self) -> None:
         """Device reset: every driver-visible part returns to its default."""
@@ -365,14 +340,15 @@ class VhostUserBackend:
             q.enabled = False
             q.broken = False
             q.suspended = False
+            q.quiescing = False
             q.unconfigure()
-        self._apply_features(0)
+        self.apply_features(0)
         self.status = 0
-        self.staged = None
-        self.frozen_parts = None
+        self.paused = False
         self._config_change_latched = False
-        self.mode = MemberMode.RUNNING
         self.device.reset()
+        for listener in self.reset_listeners:
+            listener()
 
     # ---- dirty log (migration) ---------------------------------------------
     def _on_set_log_base(self, msg: Message) -> None:
@@ -438,7 +414,8 @@ class VhostUserBackend:
     def _memory_changed(self) -> None:
         # QEMU changes the table in steps (REM_MEM_REG, then ADD_MEM_REG): a ring may be
         # unreachable in between. It then waits (not ready) instead of failing, and runs
-        # again once its memory is back.
+        # again once its memory is back. Requests still at the device keep the mappings
+        # they use alive (memory.py).
         for q in self.queues:
             if q.started and not q.broken and q.configured:
                 try:
@@ -476,11 +453,21 @@ class VhostUserBackend:
             except RingError as e:
                 q.fail(str(e))
 
-    def _on_set_vring_kick(self, msg: Message) -> None:
+    def _on_set_vring_kick(self, msg: Message) -> Any:
         q = self.queues[msg.ring]  # type: ignore[index]
-        self._set_kick(q, msg.fd)
+        if q.outstanding:
+            # A restart of a running ring: its requests still at the device complete
+            # first, or the inflight region would hand them to the device again.
+            fd = msg.fd
+            return self._quiet([q], lambda: self._start_ring(q, fd))
+        self._start_ring(q, msg.fd)
+        return None
+
+    def _start_ring(self, q: SplitVirtqueue, fd: int | None) -> None:
+        q.quiescing = False
+        self._set_kick(q, fd)
         self._attach_inflight(q)
-        if q.suspended:
+        if self.paused:
             self.log.warning("%s starts, but its owner has stopped this member: it is served "
                              "once the owner resumes it", q.name)
         q.start(self.memory)
@@ -512,52 +499,12 @@ class VhostUserBackend:
             # Stop watching before closing, so the number cannot be reused while
             # the loop still has it.
             old, q.kick_fd = q.kick_fd, None
-            self._update_watch(q)
+            self.placement.forget_watch(q)
             os.close(old)
         q.kick_fd = fd
         if fd is not None:
             os.set_blocking(fd, False)
-        self._update_watch(q)
-
-    def _update_watch(self, q: SplitVirtqueue) -> None:
-        """Watch ``q``'s kick eventfd in this process exactly when this process serves
-        the ring and the member runs. A worker watches the rings it serves; kicks for a
-        ring at home during a control message, or for a stopped member, wait in the
-        eventfd (a stopped member must not read them: the same eventfd may drive the
-        member the owner moves the ring to, perhaps in another process)."""
-        want = (q.kick_fd if q.kick_fd is not None and self.hosts[q.index] is None
-                and self.mode is MemberMode.RUNNING else None)
-        watched = self._watching.get(q.index)
-        if watched == want:
-            return
-        if watched is not None:
-            self.watcher.remove_reader(watched)
-            del self._watching[q.index]
-            q.stop_batching()
-        if want is not None:
-            self.watcher.add_reader(want, self._kicked, q, want)
-            self._watching[q.index] = want
-            # Kick batching's fallback look at the ring: only the process that serves
-            # the ring may take it.
-            try:
-                q.start_batching(self.watcher)
-            except OSError as e:
-                self.log.warning("%s: no timer (%s); a kick for every request", q.name, e)
-
-    def _kicked(self, q: SplitVirtqueue, fd: int) -> None:
-        try:
-            q.kicks += os.eventfd_read(fd)
-        except BlockingIOError:
-            pass
-        except OSError as e:
-            # Not a readable eventfd (or a dead one): stop watching it, or the loop
-            # would spin on it.
-            self.watcher.remove_reader(fd)
-            self._watching.pop(q.index, None)
-            q.stop_batching()
-            q.fail(f"cannot read the kick eventfd: {e.strerror}")
-            return
-        q.process()
+        self.placement.update_watch(q)
 
     def _on_set_vring_call(self, msg: Message) -> None:
         self._replace_eventfd(self.queues[msg.ring], "call_fd", msg.fd)  # type: ignore[index]
@@ -574,13 +521,17 @@ class VhostUserBackend:
         if fd is not None:
             os.set_blocking(fd, False)
 
-    def _on_get_vring_base(self, msg: Message) -> bytes:
+    def _on_get_vring_base(self, msg: Message) -> bytes | Pending[bytes]:
         q = self.queues[msg.ring]  # type: ignore[index]
-        # Requests are served inline, so every chain this ring took is complete;
-        # stop() publishes the last used entries before the base is reported.
-        base = q.stop()
-        self._set_kick(q, None)
-        return vu.VringState.build({"index": q.index, "num": base})
+
+        def stopped() -> bytes:
+            # Every chain this ring took is complete; stop() publishes the last used
+            # entries before the base is reported.
+            base = q.stop()
+            self._set_kick(q, None)
+            return vu.VringState.build({"index": q.index, "num": base})
+
+        return self._quiet([q], stopped)  # type: ignore[no-any-return]
 
     def _on_set_vring_enable(self, msg: Message) -> None:
         q = self.queues[msg.ring]  # type: ignore[index]
@@ -604,26 +555,42 @@ class VhostUserBackend:
         except ValueError as e:
             raise RequestFailed(str(e)) from e
 
-    def refresh_capacity(self) -> bool:
-        """The backing may have grown (SIGHUP): True if the device's capacity changed,
-        after which the front end is told."""
-        with self.rings_home():
-            return self.device.refresh_capacity()
+    def refresh_capacity(self) -> bool | Pending[bool]:
+        """The storage may have grown (SIGHUP, device-resize): True if the device's
+        capacity changed, after which the front end has been told. Rings in workers
+        come home for it (their device copy learns the new size when they leave)."""
+        everything = range(len(self.queues))
 
-    def state_report(self) -> list[str]:
-        """The device's rings as a person reads them (SIGUSR1). Rings served by a
-        worker come home for the moment, so their positions are exact."""
-        lines = [] if self.mode is MemberMode.RUNNING else [f"member {self.mode.value}"]
-        with self.rings_home():
-            for q in self.queues:
-                host = self.hosts[q.index]
-                where = f", in {host.name}" if host is not None else ""
-                lines.append(q.describe() + where)
-        return lines
+        def refresh(_: Any) -> bool:
+            try:
+                changed = self.device.refresh_capacity()
+            finally:
+                self.placement.release(everything)
+            if changed:
+                events.emit(events.DEVICE_RESIZED, device=self.name)
+                if self.protocol is not None:
+                    self.config_changed()
+            return changed
+
+        return after(self.placement.hold(everything), refresh)
+
+    def state_report(self) -> list[str] | Pending[list[str]]:
+        """The device's rings as a person reads them (SIGUSR1), read where they run."""
+        head = ["paused by its owner"] if self.paused else []
+
+        def lines(stats: list[Spec]) -> list[str]:
+            out = list(head)
+            for q, st in zip(self.queues, stats, strict=True):
+                where = st.get("where")
+                line = st.get("line") or q.describe()
+                out.append(line if where is None else f"{line}, in {where}")
+            return out
+
+        return after(self.placement.stats(), lines)
 
     def config_changed(self) -> bool:
         """Tell the front end the config space changed (e.g. capacity)."""
-        if self.mode is not MemberMode.RUNNING:
+        if self.paused:
             self._config_change_latched = True  # a stopped member sends nothing
             return True
         send = self.send_backend_message
@@ -631,6 +598,76 @@ class VhostUserBackend:
             self.log.warning("config changed but the front end gave no back-end channel")
             return False
         return send(BackendRequest.CONFIG_CHANGE_MSG, b"")
+
+    def unpause(self) -> None:
+        """The owner resumed this device: serve its rings again, soon (not inside the
+        owner's command), and send a config change held back meanwhile."""
+        self.paused = False
+        for q in self.queues:
+            q.suspended = False
+        self.placement.settle()
+        for q in self.queues:
+            # Kicks that came while paused wait in the eventfds, and chains may be
+            # waiting without one: look at every ring (a worker does on arrival).
+            self.loop.call_soon(self._look_at, q)
+        if self._config_change_latched:
+            self._config_change_latched = False
+            self.config_changed()
+
+    def pause(self) -> Pending[None] | None:
+        """The owner stops this device: take no new chains, and resolve once every
+        outstanding request has completed and been published. From then on nothing
+        touches guest memory or signals the driver until :meth:`unpause`."""
+        self.paused = True
+        for q in self.queues:
+            q.suspended = True
+            self.placement.update_watch(q)
+
+        def drained() -> None:
+            for q in self.queues:
+                q.quiescing = False  # suspended keeps it still
+
+        result = self._quiet(self.queues, drained)
+        return result if isinstance(result, Pending) else None
+
+    # ---- queue workers (placement.py's RingSource) ----------------------------
+    def ring_spec(self, q: SplitVirtqueue) -> tuple[Spec, list[int]]:
+        return ring_spec(q, self.memory, self.device, self.inflight, self.tracker)
+
+    def ring_returned(self, q: SplitVirtqueue, back: Spec) -> None:
+        q.import_position(back["ring"])
+        if self.dirty_log is not None:
+            self.dirty_log.marked += back["log_marked"]
+        t = back["tracker"]
+        if t is not None and self.tracker is not None:
+            self.tracker.merge([bytes.fromhex(b) for b in t["bitmaps"]], t["marked"])
+        stats = getattr(self.device, "queue_stats", None)
+        dev = (back.get("stats") or {}).get("device")
+        if stats is not None and dev is not None and q.index < len(stats):
+            stats[q.index].merge(dev)
+
+    def ring_lost(self, q: SplitVirtqueue, why: str) -> None:
+        """The worker serving ``q`` is gone: serve the ring here from now on, picking it
+        up as after a back-end restart (the guest's used index, the inflight region)."""
+        if q.started and q.configured:
+            q.started = False
+            q.start(self.memory)
+            if q.inflight is None:
+                q.last_avail_idx = q.used_idx
+            # The worker may have read the last kick: look at the ring now.
+            self.loop.call_soon(self._look_at, q)
+
+    def _look_at(self, q: SplitVirtqueue) -> None:
+        """Serve ``q`` if this process serves it (scheduled: by the time this runs the
+        ring may have gone to its worker, which looks at it itself)."""
+        if self.placement.served_here(q.index):
+            q.process()
+
+    def device_stats(self, q: SplitVirtqueue) -> Spec:
+        stats = getattr(self.device, "queue_stats", None)
+        if stats is None or q.index >= len(stats):
+            return {}
+        return stats[q.index].snapshot()  # type: ignore[no-any-return]
 
     # ---- inflight ----------------------------------------------------------
     def _on_set_inflight_fd(self, msg: Message) -> None:
@@ -670,133 +707,6 @@ class VhostUserBackend:
                                      "num_queues": b.num_queues,
                                      "queue_size": b.queue_size})
         return payload, [fd]
-
-
-    # ---- member mode and device parts (driven by the owner device) ---------
-    def set_mode(self, mode: MemberMode) -> None:
-        """DEV_MODE_SET. Stopping is immediate: requests are served inline, so every
-        chain a queue took is complete; the last used entries are published here and
-        then no queue touches guest memory or signals until resume."""
-        with self.rings_home():
-            self._set_mode(mode)
-
-    def _set_mode(self, mode: MemberMode) -> None:
-        if mode is self.mode:
-            return
-        if mode is MemberMode.RUNNING:
-            self._resume()
-            return
-        if self.mode is MemberMode.RUNNING:
-            for q in self.queues:
-                q.suspend()
-            self.log.info("stopped by the owner")
-        if mode is MemberMode.FROZEN:
-            self.frozen_parts = collect_parts(self)
-            self.log.info("frozen by the owner")
-        else:
-            self.frozen_parts = None
-        self.mode = mode
-        for q in self.queues:
-            self._update_watch(q)
-
-    def _resume(self) -> None:
-        staged = self.staged
-        if staged is not None:
-            try:
-                self._apply_staged(staged)
-            except ValueError as e:
-                # The member stays stopped with its parts still staged; the owner's
-                # command fails and may be retried.
-                raise PartsError(f"cannot apply the parts: {e}") from e
-            self.staged = None
-        self.frozen_parts = None
-        self.mode = MemberMode.RUNNING
-        for q in self.queues:
-            q.suspended = False
-            self._update_watch(q)
-        self.log.info("resumed by the owner%s", " with new parts" if staged else "")
-        # Kicks that came while stopped wait in the eventfds; and chains may be
-        # waiting without one: look at every ring.
-        for q in self.queues:
-            q.process()
-        if self._config_change_latched:
-            self._config_change_latched = False
-            self.config_changed()
-
-    # ---- device-side write tracking (owner vendor commands) ----------------
-    def start_tracking(self, page_size: int, ranges: list[tuple[int, int]]) -> None:
-        if self.tracker is not None:
-            raise TrackerBusy("this member already tracks writes")
-        tracker = WriteTracker(page_size, ranges)
-        with self.rings_home():
-            self.tracker = tracker
-            for q in self.queues:
-                q.tracker = tracker
-        self.log.info("tracking writes to %d range(s) at %d-byte pages", len(ranges),
-                      page_size)
-
-    def stop_tracking(self) -> None:
-        if self.tracker is None:
-            return
-        with self.rings_home():
-            self.log.info("write tracking stopped (%d page marks)", self.tracker.marked)
-            self.tracker = None
-            for q in self.queues:
-                q.tracker = None
-
-    def tracking_report(self, clear: bool) -> bytes:
-        """The tracker's report (with the marks workers made so far)."""
-        assert self.tracker is not None
-        with self.rings_home():
-            return self.tracker.report(clear)
-
-    def parts(self) -> list[Part]:
-        if self.frozen_parts is not None:
-            return list(self.frozen_parts)
-        with self.rings_home():
-            return collect_parts(self)
-
-    def stage_parts(self, parts: list[Part]) -> None:
-        """DEV_PARTS_SET: check everything, change nothing until resume."""
-        with self.rings_home():
-            staged = check_parts(self, parts)
-        if self.staged is None:
-            self.staged = staged
-        else:
-            self.staged.merge(staged)
-
-    def _apply_staged(self, staged: StagedParts) -> None:
-        if staged.drv_features is not None:
-            keep = self.features & VHOST_ONLY_FEATURES
-            self._apply_features(staged.drv_features | keep)
-        if staged.status is not None:
-            self.status = staged.status
-        for index, cfg in staged.vq_cfg.items():
-            q = self.queues[index]
-            if q.started:
-                q.stop()
-            if cfg.queue_size:
-                q.size = cfg.queue_size
-                q.set_gpa(cfg.queue_desc, cfg.queue_driver, cfg.queue_device)
-            else:
-                q.unconfigure()
-            q.vector = cfg.vector
-            q.enabled = bool(cfg.enabled)
-        for ptype, value in staged.device.items():
-            self.device.apply_part(ptype, value)
-        for q in self.queues:
-            state = staged.vq_state.get(q.index)
-            reconfigured = q.index in staged.vq_cfg
-            if (reconfigured or state is not None) and q.kick_fd is not None and q.configured:
-                q.start(self.memory)
-            if state is not None:
-                if isinstance(q, PackedVirtqueue):
-                    q.set_base(state.last_avail_idx | state.avail_wrap_counter << 15
-                               | (state.used_idx | state.used_wrap_counter << 15) << 16)
-                else:
-                    q.last_avail_idx = state.last_avail_idx
-                    if q.used is None:
-                        q.used_idx = state.used_idx
 
 
 def _unset_handler(head: int, readable: list[memoryview], writable: list[memoryview]) -> int:

@@ -1,21 +1,15 @@
-"""Rings served by another process: queue workers.
+"""A ring served by a queue worker process, and what travels to describe it.
 
-One Python process runs one core, so a device with several queues can hand some of
-its rings to worker processes. Guest memory, the dirty log and the inflight region
-are shared memory (memfds), so a worker maps the same bytes; the kick, call and err
-eventfds and the backing file travel as fds. The main process stays the only one
-that speaks vhost-user and the admin protocol.
+One Python process runs on one core, so a device with several queues can have some of
+its rings served by worker processes. Guest memory, the dirty log and the inflight
+region are shared memory (memfds), so a worker maps the same bytes; the kick, call and
+err eventfds and the device's storage travel as fds. The main process stays the only
+one that speaks vhost-user and the admin protocol; ``vhostd/vhost_user/placement.py``
+decides which process serves each ring and when a ring moves.
 
-A ring moves only while it is at rest: before the back end handles any control
-message (or owner command) it *recalls* its rings, the worker publishes what it
-completed and returns the ring's position, and the back end handles the message on
-its own copy exactly as if the ring had never left; afterwards every ready ring is
-sent out again. So no control path has to know about workers, and a ring is only
-ever served by one process at a time.
-
-This module holds both halves: :class:`RingHost`, what the back end needs of a
-worker (the shell implements it over a socket), and :class:`RingWork`, a ring being
-served inside a worker.
+A ring moves only at rest: :meth:`WorkerRing.recall` stops taking chains, waits for the
+outstanding ones, publishes, and describes the ring's position; :func:`ring_spec`
+describes a ring at rest for the process that serves it next.
 """
 
 from __future__ import annotations
@@ -23,35 +17,19 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from .dirtylog import DirtyLog
 from .dirtytrack import WriteTracker
 from .inflight import InflightRegion
-from .memory import GuestMemory, close_fds
+from .loop import FdWatcher, close_fds
+from .memory import GuestMemory
 from .packed import set_layout
-from .timer import FdWatcher
 from .virtqueue import SplitVirtqueue
 
 log = logging.getLogger(__name__)
 
 Spec = dict[str, Any]
-
-
-class HostError(Exception):
-    """A worker could not take or give back a ring (it died, or refused)."""
-
-
-class RingHost(Protocol):
-    """A process that can serve rings on the back end's behalf."""
-
-    name: str
-
-    def run(self, key: str, spec: Spec, fds: list[int]) -> None:
-        """Serve the ring ``spec`` describes; ``fds`` stay the caller's."""
-
-    def recall(self, keys: list[str]) -> dict[str, Spec]:
-        """Stop serving these rings; their final states (see :meth:`RingWork.recall`)."""
 
 
 def ring_spec(q: SplitVirtqueue, memory: GuestMemory, device: Any,
@@ -67,7 +45,7 @@ def ring_spec(q: SplitVirtqueue, memory: GuestMemory, device: Any,
         return len(fds) - 1
 
     regions, region_fds = memory.table()
-    device_spec, device_fds = device.offload_spec()
+    device_spec, device_fds = device.worker_spec()
     spec: Spec = {
         "ring": q.export_state(),
         "kick": fd_slot(q.kick_fd),
@@ -91,7 +69,7 @@ def ring_spec(q: SplitVirtqueue, memory: GuestMemory, device: Any,
     return spec, fds
 
 
-class RingWork:
+class WorkerRing:
     """A ring served in this (worker) process. Adopts every fd in ``fds``."""
 
     def __init__(self, spec: Spec, fds: list[int], watcher: FdWatcher,
@@ -154,28 +132,29 @@ class RingWork:
 
     def _kicked(self) -> None:
         fd = self.kick_fd
-        assert fd is not None
-        try:
-            self.q.kicks += os.eventfd_read(fd)
-        except BlockingIOError:
-            pass
-        except OSError as e:
+        if fd is not None and not self.q.kicked(fd):
             self.watcher.remove_reader(fd)
-            self.q.fail(f"cannot read the kick eventfd: {e.strerror}")
-            return
-        self.q.process()
+            self.kick_fd = None
 
-    def recall(self) -> Spec:
-        """Stop serving: publish what is complete and describe the ring at rest."""
+    def recall(self, done: Callable[[Spec], None]) -> None:
+        """Stop serving: take no new chains, and once the outstanding ones completed,
+        call ``done`` with the ring at rest (published, described)."""
         q = self.q
         q.stop_batching()
         if self.kick_fd is not None:
             self.watcher.remove_reader(self.kick_fd)
-        if q.started and not q.broken:
-            q._publish()
+            self.kick_fd = None
+        q.quiesce(lambda: done(self._at_rest()))
+
+    def stats(self) -> Spec:
+        """The ring's counters now, read without stopping it."""
+        return ring_stats(self.q, self.device)
+
+    def _at_rest(self) -> Spec:
+        q = self.q
         state = q.export_state()
         out: Spec = {"ring": state, "log_marked": self.log.marked if self.log else 0,
-                     "tracker": None}
+                     "tracker": None, "stats": ring_stats(q, self.device)}
         if q.tracker is not None:
             out["tracker"] = {"bitmaps": [b.hex() for b in q.tracker.bitmaps()],
                               "marked": q.tracker.marked}
@@ -205,3 +184,14 @@ class RingWork:
 
 def _no_handler(head: int, readable: list[memoryview], writable: list[memoryview]) -> int:
     raise RuntimeError("ring has no handler")
+
+
+def ring_stats(q: SplitVirtqueue, device: Any) -> Spec:
+    """What a ring has done so far (plain data): chains completed, kicks, outstanding
+    requests, and the device's request statistics for the queue if it keeps them."""
+    out: Spec = {"requests": q.requests, "kicks": q.kicks, "outstanding": q.outstanding,
+                 "line": q.describe()}
+    stats = getattr(device, "queue_stats", None)
+    if stats is not None and q.index < len(stats):
+        out["device"] = stats[q.index].snapshot()
+    return out
