@@ -213,9 +213,10 @@ def test_libvirt_domain_on_vhostd_survives_kill_9(libvirtd: None, guest_image: G
     finally:
         virsh("destroy", name, check=False)
         virsh("undefine", name, check=False)
+        daemon.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
     text = console.text()
     assert f"pattern_rounds: {ROUNDS} rounds OK" in text, text[-3000:]
     assert after >= 3 and "front end connected" in daemon.log, daemon.log
     for i in range(1, ROUNDS + 1):
         assert image_round(image, i) == expected_round(i), f"round {i} lost"
-    shutil.rmtree(run_dir, ignore_errors=True)
