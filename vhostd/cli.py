@@ -21,7 +21,9 @@ from .devices.owner import OwnerDevice
 from .engine.backend import VhostUserBackend
 from .engine.inflight import CHECK_ENV
 from .engine.virtqueue import KICK_WAIT_DEFAULT_US, KICK_WAIT_ENV
+from .shell.control import ControlServer
 from .shell.daemon import Daemon, Endpoint
+from .shell.metrics import MetricsServer, bind_tcp, parse_address
 from .shell.server import StartupError, adopt_listening_fd, bind_unix
 from .shell.worker import WorkerProcess
 
@@ -59,6 +61,13 @@ def _workers(text: str) -> int | None:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
     return value
+
+
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _mode(text: str) -> int:
@@ -148,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "process, so several queues (or devices) use several cores; queues "
                         "are dealt round-robin to the main process and the workers "
                         "(default auto: one less than the smaller of half the CPUs and the queues)")
+    p.add_argument("--control-socket", metavar="PATH",
+                   help="answer QMP (QEMU's machine protocol) on this unix socket: list "
+                        "devices, read request counters, resize, events (docs/control.md); "
+                        "same permissions as the device sockets")
+    p.add_argument("--metrics", type=_address, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (off by "
+                        "default)")
     p.add_argument("--pidfile", metavar="PATH",
                    help="write the process id here once the socket listens (readiness)")
     p.add_argument("--log-level", default="info",
@@ -301,16 +317,24 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[KICK_WAIT_ENV] = str(args.kick_batch_wait)
     try:
         loop = _new_loop(args.event_loop)
-        endpoints = _make_endpoints(args, loop)
+        control_sock, metrics_sock = _operations_sockets(args)
+        try:
+            endpoints = _make_endpoints(args, loop)
+        except StartupError:
+            _close_operations_sockets(args, control_sock, metrics_sock)
+            raise
     except StartupError as e:
         print(f"vhostd: {e}", file=sys.stderr)
         return 1
     try:
         workers = _start_workers(args, endpoints)
         daemon = Daemon(loop, endpoints, workers)
-        if args.pidfile:
-            _write_pidfile(args.pidfile)
-        loop.run_until_complete(daemon.run())
+        services: list[ControlServer | MetricsServer] = []
+        if control_sock is not None:
+            services.append(ControlServer(daemon, control_sock, args.control_socket))
+        if metrics_sock is not None:
+            services.append(MetricsServer(daemon, metrics_sock))
+        loop.run_until_complete(_serve(daemon, services, args.pidfile))
     except StartupError as e:
         print(f"vhostd: {e}", file=sys.stderr)
         return 1
@@ -322,6 +346,47 @@ def main(argv: list[str] | None = None) -> int:
             except FileNotFoundError:
                 pass
     return 0
+
+
+def _operations_sockets(args: argparse.Namespace
+                        ) -> tuple[socket.socket | None, socket.socket | None]:
+    """The control socket and the metrics socket, as asked for."""
+    control = metrics = None
+    if args.control_socket:
+        # The same ownership options as the device sockets.
+        control = bind_unix(args.control_socket, args.socket_mode)
+        control.listen(16)  # several clients may connect at once
+    if args.metrics:
+        host, port = args.metrics
+        try:
+            metrics = bind_tcp(host, port)
+        except OSError as e:
+            _close_operations_sockets(args, control, None)
+            raise StartupError(f"--metrics={host}:{port}: {e.strerror or e}") from e
+    return control, metrics
+
+
+def _close_operations_sockets(args: argparse.Namespace, control: socket.socket | None,
+                              metrics: socket.socket | None) -> None:
+    if control is not None:
+        control.close()
+        os.unlink(args.control_socket)
+    if metrics is not None:
+        metrics.close()
+
+
+async def _serve(daemon: Daemon, services: list[ControlServer | MetricsServer],
+                 pidfile: str | None) -> None:
+    """Start the control and metrics services, say ready, run until told to stop."""
+    try:
+        for service in services:
+            await service.start()
+        if pidfile:
+            _write_pidfile(pidfile)
+        await daemon.run()
+    finally:
+        for service in services:
+            await service.close()
 
 
 def _write_pidfile(path: str) -> None:

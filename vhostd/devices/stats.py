@@ -27,8 +27,8 @@ OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES, OP_GET_ID, OP_OTHER = 
 class QueueStats:
     """Counters of one request queue. Only the process serving the queue updates them."""
 
-    __slots__ = ("bytes_read", "bytes_written", "errors", "in_flight", "latency", "ops",
-                 "requests")
+    __slots__ = ("bytes_read", "bytes_written", "errors", "in_flight", "latency",
+                 "latency_sum_ns", "ops", "requests")
 
     def __init__(self) -> None:
         self.requests = 0  # requests completed
@@ -38,6 +38,7 @@ class QueueStats:
         self.errors = 0  # requests completed with a status other than OK
         self.in_flight = 0  # taken, not yet completed
         self.latency = [0] * (len(LATENCY_BOUNDS_NS) + 1)
+        self.latency_sum_ns = 0  # a histogram's sum: mean latency = sum / requests
 
     def completed(self, op: int, nbytes: int, ok: bool, elapsed_ns: int) -> None:
         self.requests += 1
@@ -49,13 +50,14 @@ class QueueStats:
         if not ok:
             self.errors += 1
         self.latency[bisect_left(LATENCY_BOUNDS_NS, elapsed_ns)] += 1
+        self.latency_sum_ns += elapsed_ns
 
     def snapshot(self) -> dict[str, Any]:
         """Plain data (JSON-able): the counters and the latency histogram."""
         return {"requests": self.requests, "ops": dict(zip(OPS, self.ops, strict=True)),
                 "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
                 "errors": self.errors, "in_flight": self.in_flight,
-                "latency_buckets": list(self.latency)}
+                "latency_buckets": list(self.latency), "latency_sum_ns": self.latency_sum_ns}
 
     def merge(self, snap: dict[str, Any]) -> None:
         """Add the counts of ``snap`` (a queue that was served elsewhere for a while)."""
@@ -67,6 +69,7 @@ class QueueStats:
         self.errors += snap["errors"]
         for i, n in enumerate(snap["latency_buckets"]):
             self.latency[i] += n
+        self.latency_sum_ns += snap["latency_sum_ns"]
 
 
 def percentile_ns(buckets: list[int], fraction: float) -> int | None:
@@ -82,3 +85,22 @@ def percentile_ns(buckets: list[int], fraction: float) -> int | None:
         if seen >= want:
             return LATENCY_BOUNDS_NS[min(i, len(LATENCY_BOUNDS_NS) - 1)]
     return LATENCY_BOUNDS_NS[-1]
+
+
+def add_snapshots(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """One queue's counts when part of them were made in another process (a queue
+    worker serving the ring now): every counter added, in flight too."""
+    s = QueueStats()
+    s.merge(a)
+    s.merge(b)
+    s.in_flight = a["in_flight"] + b["in_flight"]
+    return s.snapshot()
+
+
+def max_bucket_ns(buckets: list[int]) -> int | None:
+    """The upper bound of the slowest non-empty bucket (the overflow bucket reports the
+    last bound), or None without requests."""
+    for i in range(len(buckets) - 1, -1, -1):
+        if buckets[i]:
+            return LATENCY_BOUNDS_NS[min(i, len(LATENCY_BOUNDS_NS) - 1)]
+    return None

@@ -21,6 +21,7 @@ from vhostd_proto import vhost_user as vu
 from vhostd_proto.vhost_user import BackendRequest
 from vhostd_proto.virtio import Feature
 
+from ..core import events
 from ..core.protocol import BackendProtocol, DeviceInfo, Message, ProtocolError
 from .dirtylog import DirtyLog
 from .dirtytrack import WriteTracker
@@ -196,6 +197,8 @@ class VhostUserBackend:
         t = back["tracker"]
         if t is not None and self.tracker is not None:
             self.tracker.merge([bytes.fromhex(b) for b in t["bitmaps"]], t["marked"])
+        if back.get("stats") is not None:  # requests the worker served
+            self.device.queue_stats[q.index].merge(back["stats"])  # type: ignore[attr-defined]
 
     def _lost(self, q: SplitVirtqueue, host: RingHost, why: str) -> None:
         """The worker serving ``q`` is gone: serve the ring here from now on, picking
@@ -211,6 +214,10 @@ class VhostUserBackend:
                 q.last_avail_idx = q.used_idx
             # The worker may have read the last kick: look at the ring now.
             q.process()
+
+    def ring_hosts(self) -> dict[int, RingHost]:
+        """The rings a worker serves at this moment: queue index -> worker."""
+        return dict(self._away)
 
     def host_died(self, host: RingHost) -> None:
         """A worker exited: its rings come back (and restart) here at once, even if no
@@ -695,9 +702,11 @@ class VhostUserBackend:
             self.log.info("frozen by the owner")
         else:
             self.frozen_parts = None
-        self.mode = mode
+        previous, self.mode = self.mode, mode
         for q in self.queues:
             self._update_watch(q)
+        events.emit(events.MEMBER_MODE_CHANGE, device=self.device.name, mode=mode.value,
+                    previous=previous.value)
 
     def _resume(self) -> None:
         staged = self.staged
@@ -710,7 +719,9 @@ class VhostUserBackend:
                 raise PartsError(f"cannot apply the parts: {e}") from e
             self.staged = None
         self.frozen_parts = None
-        self.mode = MemberMode.RUNNING
+        previous, self.mode = self.mode, MemberMode.RUNNING
+        events.emit(events.MEMBER_MODE_CHANGE, device=self.device.name, mode="running",
+                    previous=previous.value)
         for q in self.queues:
             q.suspended = False
             self._update_watch(q)

@@ -8,8 +8,11 @@ import logging
 import signal
 import socket
 from dataclasses import dataclass
+from typing import Any
 
+from ..core import events
 from ..engine.backend import VhostUserBackend
+from . import devinfo
 from .server import DeviceServer
 from .worker import WorkerProcess
 
@@ -45,9 +48,31 @@ class Daemon:
     def refresh_capacity(self) -> None:
         """SIGHUP: a backing file may have grown; tell the front ends that changed."""
         for server in self.servers:
-            changed = server.backend.refresh_capacity()
-            if changed and server.connection is not None:
+            self._refresh(server)
+
+    def _refresh(self, server: DeviceServer) -> bool:
+        changed = server.backend.refresh_capacity()
+        if changed:
+            if server.connection is not None:
                 server.backend.config_changed()
+            events.emit(events.DEVICE_RESIZED, device=server.backend.device.name,
+                        size=devinfo.size_bytes(server.backend.device))
+        return changed
+
+    # ---- what the control socket and metrics ask (control.ControlTarget) ----
+    def devices(self) -> list[dict[str, Any]]:
+        return devinfo.describe_devices(self.servers)
+
+    async def device_stats(self, name: str | None = None) -> list[dict[str, Any]]:
+        return await devinfo.device_stats(self.servers, name)
+
+    async def resize(self, name: str) -> dict[str, Any]:
+        server = devinfo.find(self.servers, name)
+        changed = self._refresh(server)
+        return {"size": devinfo.size_bytes(server.backend.device), "changed": changed}
+
+    def set_log_level(self, level: str) -> None:
+        logging.getLogger().setLevel(level.upper())
 
     def report_state(self) -> None:
         """SIGUSR1: every device's rings, one log line each."""

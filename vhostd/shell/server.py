@@ -21,6 +21,7 @@ from vhostd_proto import vhost_user as vu
 from vhostd_proto.vhost_user import BackendRequest
 from vhostd_proto.vhost_user import Request as R
 
+from ..core import events
 from ..core.protocol import BackendProtocol, Message, ProtocolError
 from ..engine.backend import VhostUserBackend
 from ..engine.memory import close_fds
@@ -239,11 +240,13 @@ class DeviceServer:
             return
         self.log.info("front end connected")
         self.connection = Connection(self, conn)
+        events.emit(events.FRONTEND_CONNECTED, device=self.backend.device.name)
 
     def connection_closed(self, conn: Connection) -> None:
         if self.connection is conn:
             self.connection = None
             self.log.info("waiting for a front end on %s", self.path or "inherited socket")
+            events.emit(events.FRONTEND_DISCONNECTED, device=self.backend.device.name)
 
     def close(self) -> None:
         if self.connection is not None:

@@ -8,9 +8,12 @@ and the kick eventfds of the rings it serves.
 
 On the control socket (a socketpair) every message is ``le32 length`` plus a JSON
 object, with fds attached to its first byte. The main process sends ``run`` (a ring
-and its fds; reply ``{}`` or ``{"error"}``), ``recall`` (reply: the rings' states)
-and ``exit``. A worker dies with its parent (PR_SET_PDEATHSIG), so a killed daemon
-never leaves a process serving a ring that a restarted daemon serves again.
+and its fds; reply ``{}`` or ``{"error"}``), ``recall`` (reply: the rings' states),
+``stats`` (reply: the request counters of every ring served) and ``exit``. The worker
+answers in order; ``stats`` is the one request whose reply the main process reads
+from its event loop instead of waiting for it. A worker dies with its parent
+(PR_SET_PDEATHSIG), so a killed daemon never leaves a process serving a ring that a
+restarted daemon serves again.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import socket
 import struct
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -110,11 +114,17 @@ class WorkerProcess:
         self.sock.settimeout(CALL_TIMEOUT)
         self.dead = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Requests whose replies are read from the event loop (``stats``), oldest
+        # first; each entry is the list of callbacks waiting for that reply.
+        self._pending: deque[list[Callable[[dict[str, Any] | None], None]]] = deque()
+        self._stats_waiting: list[Callable[[dict[str, Any] | None], None]] = []
 
     def _call(self, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         if self.dead:
             raise HostError(f"worker {self.name} is not running")
         try:
+            while self._pending:  # replies come in order: earlier requests' first
+                self._deliver(recv_msg(self.sock))
             send_msg(self.sock, msg, fds)
             reply, extra = recv_msg(self.sock)
         except ValueError as e:
@@ -122,16 +132,63 @@ class WorkerProcess:
         except (OSError, EOFError) as e:
             self.dead = True
             self.proc.kill()
+            self._fail_pending()
             raise HostError(f"worker {self.name} does not answer: {e}") from e
         close_fds(extra)
         if "error" in reply:
             raise HostError(reply["error"])
         return reply
 
+    def request_stats(self, on_reply: Callable[[dict[str, Any] | None], None]) -> None:
+        """Ask for the counters of every ring the worker serves, without waiting:
+        ``on_reply`` gets the reply (``{"rings": [...]}``) on the event loop, or None if
+        the worker is gone. It is called before any later request is sent, so the rings
+        are where they were when the worker answered. Callers asking while a request
+        is under way share its reply."""
+        if self.dead or self._loop is None:
+            on_reply(None)
+            return
+        if self._pending and self._pending[-1] is self._stats_waiting:
+            self._stats_waiting.append(on_reply)
+            return
+        try:
+            send_msg(self.sock, {"op": "stats"})
+        except OSError:
+            on_reply(None)  # the watcher sees the worker gone
+            return
+        self._stats_waiting = [on_reply]
+        self._pending.append(self._stats_waiting)
+
+    def _deliver(self, message: tuple[dict[str, Any], list[int]] | None) -> None:
+        waiting = self._pending.popleft()
+        if message is not None:
+            close_fds(message[1])
+        for callback in waiting:
+            try:
+                callback(message[0] if message is not None else None)
+            except Exception:
+                log.exception("a stats reader failed")
+
+    def _fail_pending(self) -> None:
+        while self._pending:
+            self._deliver(None)
+
+    def _reply_waiting(self) -> bool:
+        """A whole message has arrived (a peek, so the loop never waits for the rest)."""
+        try:
+            head = self.sock.recv(_LEN.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            if len(head) < _LEN.size:
+                return False
+            want = _LEN.size + _LEN.unpack(head)[0]
+            return len(self.sock.recv(want, socket.MSG_PEEK | socket.MSG_DONTWAIT)) == want
+        except OSError:
+            return False
+
     def watch(self, loop: asyncio.AbstractEventLoop,
               on_exit: Callable[[WorkerProcess], None]) -> None:
-        """Call ``on_exit`` as soon as the worker is gone. The channel is only read
-        inside calls, so it becomes readable between calls only by closing."""
+        """Call ``on_exit`` as soon as the worker is gone, and deliver ``stats``
+        replies. Other replies are read inside calls, so between calls the channel
+        becomes readable only by a stats reply or by closing."""
         self._loop = loop
 
         def readable() -> None:
@@ -142,6 +199,12 @@ class WorkerProcess:
             except OSError:
                 data = b""
             if data:
+                if self._pending and self._reply_waiting():
+                    try:
+                        message = recv_msg(self.sock)
+                    except (OSError, EOFError):
+                        return  # seen as a closed channel next time
+                    self._deliver(message)
                 return
             loop.remove_reader(self.sock.fileno())
             self._loop = None
@@ -149,6 +212,7 @@ class WorkerProcess:
                 self.dead = True
                 self.proc.kill()
                 log.error("queue worker %s (pid %d) exited", self.name, self.proc.pid)
+            self._fail_pending()
             on_exit(self)
 
         loop.add_reader(self.sock.fileno(), readable)
@@ -164,6 +228,7 @@ class WorkerProcess:
         return self.proc.pid
 
     def close(self) -> None:
+        self._fail_pending()
         if self._loop is not None:
             self._loop.remove_reader(self.sock.fileno())
             self._loop = None
@@ -258,11 +323,25 @@ class Worker:
             for key in msg["keys"]:
                 work = self.rings.pop(key, None)
                 if work is not None:
+                    stats = _ring_stats(work)
                     out[key] = work.recall()
+                    out[key]["stats"] = stats  # the daemon adds them to its own
             send_msg(self.sock, {"rings": out})
+        elif op == "stats":
+            close_fds(fds)
+            send_msg(self.sock, {"rings": [
+                {"device": work.device.name, "queue": work.q.index,
+                 "stats": _ring_stats(work)} for work in self.rings.values()]})
         else:
             close_fds(fds)
             self.loop.stop()
+
+
+def _ring_stats(work: RingWork) -> dict[str, Any] | None:
+    """The request counters of a ring served here since it arrived (a device without
+    counters has none)."""
+    counters = getattr(work.device, "queue_stats", None)
+    return counters[work.q.index].snapshot() if counters is not None else None
 
 
 def main(argv: list[str]) -> int:
