@@ -123,7 +123,9 @@ class JsonSplitter:
         self.kind = ""  # "value" (object, array, string) or "scalar"
         self.depth = 0
         self.in_string = False
-        self.too_big = False  # the current text outgrew MAX_INPUT: skip it, then refuse
+        # Why the current text will be refused (too long, nested too deep): it is
+        # scanned to its end without keeping it, then answered with one error.
+        self.refuse: str | None = None
 
     def feed(self, data: bytes) -> list[bytes | QmpError]:
         self.buf += data
@@ -136,9 +138,9 @@ class JsonSplitter:
             self.pos -= keep
             if self.start is not None:
                 self.start = 0
-        if self.start is not None and len(self.buf) > MAX_INPUT and not self.too_big:
-            self.too_big = True
-        if self.too_big and self.start is not None:
+        if self.start is not None and len(self.buf) > MAX_INPUT and self.refuse is None:
+            self.refuse = f"input longer than {MAX_INPUT} bytes"
+        if self.refuse is not None and self.start is not None:
             # Keep scanning (to find its end) but not the bytes themselves.
             del self.buf[:self.pos]
             self.pos = 0
@@ -149,7 +151,7 @@ class JsonSplitter:
         self.pos = at
         self.depth = 0
         self.in_string = False
-        self.too_big = False
+        self.refuse = None
 
     def _error(self, at: int, what: str) -> QmpError:
         self._reset(at)
@@ -158,11 +160,10 @@ class JsonSplitter:
     def _finish(self, end: int) -> bytes | QmpError:
         assert self.start is not None
         text = bytes(self.buf[self.start:end])
-        too_big = self.too_big
+        refuse = self.refuse
         self._reset(end)
-        if too_big:
-            return QmpError("GenericError", f"JSON parse error, input longer than "
-                                            f"{MAX_INPUT} bytes")
+        if refuse is not None:
+            return QmpError("GenericError", f"JSON parse error, {refuse}")
         return text
 
     def _next(self) -> bytes | QmpError | None:
@@ -224,8 +225,8 @@ class JsonSplitter:
                     self.in_string = True
                 elif c in b"{[":
                     self.depth += 1
-                    if self.depth > MAX_DEPTH:
-                        return self._error(m.end(), f"nesting deeper than {MAX_DEPTH}")
+                    if self.depth > MAX_DEPTH and self.refuse is None:
+                        self.refuse = f"nesting deeper than {MAX_DEPTH}"
                 elif c in b"}]":
                     self.depth -= 1
                     if self.depth == 0:

@@ -11,7 +11,9 @@ object, with fds attached to its first byte. The main process sends ``run`` (a r
 and its fds; reply ``{}`` or ``{"error"}``), ``recall`` (reply: the rings' states),
 ``stats`` (reply: the request counters of every ring served) and ``exit``. The worker
 answers in order; ``stats`` is the one request whose reply the main process reads
-from its event loop instead of waiting for it. A worker dies with its parent
+from its event loop instead of waiting for it. Daemon events a worker's rings emit
+(core/events.py: a ring needing reset, I/O errors) travel on a second socketpair, one
+datagram each, and are emitted again in the main process. A worker dies with its parent
 (PR_SET_PDEATHSIG), so a killed daemon never leaves a process serving a ring that a
 restarted daemon serves again.
 """
@@ -34,6 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..core import events
 from ..engine.memory import close_fds
 from ..engine.offload import HostError, RingWork, Spec
 
@@ -99,18 +102,23 @@ class WorkerProcess:
     def __init__(self, name: str, log_level: str = "info") -> None:
         self.name = name
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ev_parent, ev_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "vhostd.shell.worker", str(child.fileno()), name,
-                 log_level, str(os.getpid())],
-                pass_fds=[child.fileno()],
+                 log_level, str(os.getpid()), str(ev_child.fileno())],
+                pass_fds=[child.fileno(), ev_child.fileno()],
             )
         except OSError:
             parent.close()
+            ev_parent.close()
             raise
         finally:
             child.close()
+            ev_child.close()
         self.sock = parent
+        self.events = ev_parent
+        self.events.setblocking(False)
         self.sock.settimeout(CALL_TIMEOUT)
         self.dead = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -207,6 +215,7 @@ class WorkerProcess:
                     self._deliver(message)
                 return
             loop.remove_reader(self.sock.fileno())
+            loop.remove_reader(self.events.fileno())
             self._loop = None
             if not self.dead:
                 self.dead = True
@@ -216,6 +225,24 @@ class WorkerProcess:
             on_exit(self)
 
         loop.add_reader(self.sock.fileno(), readable)
+        loop.add_reader(self.events.fileno(), self._events_readable)
+
+    def _events_readable(self) -> None:
+        """Emit here what the worker's rings emitted there."""
+        while True:
+            try:
+                data = self.events.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                if self._loop is not None:
+                    self._loop.remove_reader(self.events.fileno())
+                return
+            try:
+                msg = json.loads(data)
+                events.emit(str(msg["event"]), **msg["data"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("worker %s sent an unreadable event", self.name)
 
     def run(self, key: str, spec: Spec, fds: list[int]) -> None:
         self._call({"op": "run", "key": key, "spec": spec}, fds)
@@ -231,7 +258,9 @@ class WorkerProcess:
         self._fail_pending()
         if self._loop is not None:
             self._loop.remove_reader(self.sock.fileno())
+            self._loop.remove_reader(self.events.fileno())
             self._loop = None
+        self.events.close()
         if not self.dead:
             try:
                 send_msg(self.sock, {"op": "exit"})
@@ -344,8 +373,21 @@ def _ring_stats(work: RingWork) -> dict[str, Any] | None:
     return counters[work.q.index].snapshot() if counters is not None else None
 
 
+def _forward_events(sock: socket.socket) -> events.Listener:
+    """A listener sending each event to the daemon. An event that does not fit (the
+    daemon is not reading) is dropped rather than let the ring wait."""
+    def forward(name: str, data: dict[str, Any]) -> None:
+        try:
+            sock.send(json.dumps({"event": name, "data": data}).encode(), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+    return forward
+
+
 def main(argv: list[str]) -> int:
     fd, name, level, parent = int(argv[0]), argv[1], argv[2], int(argv[3])
+    if len(argv) > 4:
+        events.subscribe(_forward_events(socket.socket(fileno=int(argv[4]))))
     libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
