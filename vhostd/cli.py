@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from .devices.backing import FileBackend
 from .devices.blk import BlkDevice, BlkOptions
@@ -23,7 +24,6 @@ from .engine.inflight import CHECK_ENV
 from .engine.virtqueue import KICK_WAIT_DEFAULT_US, KICK_WAIT_ENV
 from .shell.control import ControlServer
 from .shell.daemon import Daemon, Endpoint
-from .shell.metrics import MetricsServer, bind_tcp, parse_address
 from .shell.server import StartupError, adopt_listening_fd, bind_unix
 from .shell.worker import WorkerProcess
 
@@ -64,10 +64,13 @@ def _workers(text: str) -> int | None:
 
 
 def _address(text: str) -> tuple[str, int]:
-    try:
-        return parse_address(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    """``HOST:PORT`` (``[V6]:PORT`` for IPv6)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
 
 
 def _mode(text: str) -> int:
@@ -329,10 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         workers = _start_workers(args, endpoints)
         daemon = Daemon(loop, endpoints, workers)
-        services: list[ControlServer | MetricsServer] = []
+        services: list[Any] = []
         if control_sock is not None:
             services.append(ControlServer(daemon, control_sock, args.control_socket))
         if metrics_sock is not None:
+            from .shell.metrics import MetricsServer  # prometheus_client only when asked
+
             services.append(MetricsServer(daemon, metrics_sock))
         loop.run_until_complete(_serve(daemon, services, args.pidfile))
     except StartupError as e:
@@ -358,8 +363,9 @@ def _operations_sockets(args: argparse.Namespace
         control.listen(16)  # several clients may connect at once
     if args.metrics:
         host, port = args.metrics
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            metrics = bind_tcp(host, port)
+            metrics = socket.create_server((host, port), family=family, backlog=16)
         except OSError as e:
             _close_operations_sockets(args, control, None)
             raise StartupError(f"--metrics={host}:{port}: {e.strerror or e}") from e
@@ -375,8 +381,7 @@ def _close_operations_sockets(args: argparse.Namespace, control: socket.socket |
         metrics.close()
 
 
-async def _serve(daemon: Daemon, services: list[ControlServer | MetricsServer],
-                 pidfile: str | None) -> None:
+async def _serve(daemon: Daemon, services: list[Any], pidfile: str | None) -> None:
     """Start the control and metrics services, say ready, run until told to stop."""
     try:
         for service in services:

@@ -102,22 +102,6 @@ async def render(target: ControlTarget) -> bytes:
     return generate_latest(registry)
 
 
-def bind_tcp(host: str, port: int) -> socket.socket:
-    """A listening TCP socket; OSError if it cannot be had."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=16)
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[V6]:PORT`` for IPv6) -> (host, port); ValueError if malformed."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
 class MetricsServer:
     """``GET /metrics`` over HTTP/1.x; one response per connection."""
 
