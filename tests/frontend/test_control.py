@@ -363,8 +363,12 @@ def error_class(reply: dict[str, Any]) -> str:
     return str(reply["error"]["class"])
 
 
-def test_wire_protocol_from_a_raw_socket(start: Callable[..., Daemon]) -> None:
-    d = start()
+EVENT_LOOPS = pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+
+
+@EVENT_LOOPS
+def test_wire_protocol_from_a_raw_socket(start: Callable[..., Daemon], loop: str) -> None:
+    d = start(f"--event-loop={loop}")
     c = Raw(d.control)
     try:
         greeting = c.line()
@@ -443,9 +447,10 @@ def test_events_wait_for_negotiation(start: Callable[..., Daemon]) -> None:
         ready.close()
 
 
-async def test_several_clients_and_one_that_never_reads(start: Callable[..., Daemon]
-                                                        ) -> None:
-    d = start()
+@EVENT_LOOPS
+async def test_several_clients_and_one_that_never_reads(start: Callable[..., Daemon],
+                                                        loop: str) -> None:
+    d = start(f"--event-loop={loop}")
     clients = [await d.client(f"c{i}") for i in range(4)]
     stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stuck.connect(str(d.control))
