@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from .core import events
 from .devices.backing import FileBackend
@@ -22,6 +23,7 @@ from .devices.blk import BlkDevice, BlkOptions
 from .devices.owner import OwnerDevice
 from .engine.inflight import CHECK_ENV
 from .engine.virtqueue import KICK_WAIT_DEFAULT_US, KICK_WAIT_ENV
+from .shell.control import ControlServer
 from .shell.daemon import Daemon, Endpoint
 from .shell.discovery import CAPABILITIES, descriptor
 from .shell.server import StartupError, adopt_listening_fd, bind_unix
@@ -73,6 +75,16 @@ def _group(text: str) -> int:
     if text.isdigit():
         return int(text)
     raise argparse.ArgumentTypeError(f"no group named {text!r}")
+
+
+def _address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT`` for IPv6)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
 
 
 def _mode(text: str) -> int:
@@ -171,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "process, so several queues (or devices) use several cores; queues "
                         "are dealt round-robin to the main process and the workers "
                         "(default auto: one less than the smaller of half the CPUs and the queues)")
+    p.add_argument("--control-socket", metavar="PATH",
+                   help="answer QMP (QEMU's machine protocol) on this unix socket: list "
+                        "devices, read request counters, resize, events (docs/control.md); "
+                        "same permissions as the device sockets")
+    p.add_argument("--metrics", type=_address, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (off by "
+                        "default)")
     p.add_argument("--pidfile", metavar="PATH",
                    help="write the process id here once the socket listens (readiness)")
     p.add_argument("--log-level", default="info",
@@ -376,14 +395,26 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[KICK_WAIT_ENV] = str(args.kick_batch_wait)
     try:
         loop = _new_loop(args.event_loop)
-        endpoints = _make_endpoints(args, loop)
+        control_sock, metrics_sock = _operations_sockets(args)
+        try:
+            endpoints = _make_endpoints(args, loop)
+        except StartupError:
+            _close_operations_sockets(args, control_sock, metrics_sock)
+            raise
     except StartupError as e:
         print(f"vhostd: {e}", file=sys.stderr)
         return 1
     try:
         workers = _start_workers(args, endpoints)
         daemon = Daemon(loop, endpoints, workers)
-        loop.run_until_complete(_serve(daemon, notifier, endpoints, args.pidfile))
+        services: list[Any] = []
+        if control_sock is not None:
+            services.append(ControlServer(daemon, control_sock, args.control_socket))
+        if metrics_sock is not None:
+            from .shell.metrics import MetricsServer  # prometheus_client only when asked
+
+            services.append(MetricsServer(daemon, metrics_sock))
+        loop.run_until_complete(_serve(daemon, notifier, endpoints, services, args.pidfile))
     except StartupError as e:
         print(f"vhostd: {e}", file=sys.stderr)
         return 1
@@ -410,9 +441,10 @@ def _take_listen_fds(args: argparse.Namespace) -> ListenFds | None:
 
 
 async def _serve(daemon: Daemon, notifier: Notifier, endpoints: list[Endpoint],
-                 pidfile: str | None) -> None:
-    """Run the daemon; once every socket accepts and SIGTERM is handled, write the pid
-    file and tell systemd; tell it again when the daemon stops."""
+                 services: list[Any], pidfile: str | None) -> None:
+    """Start the control and metrics services and run the daemon; once every socket
+    accepts and SIGTERM is handled, write the pid file and tell systemd; tell it again
+    when the daemon stops."""
     names = [ep.handler.device.name for ep in endpoints]
     where = ", ".join(f"{name} on {ep.path or f'fd {ep.sock.fileno()}'}"
                       for name, ep in zip(names, endpoints, strict=True))
@@ -454,11 +486,45 @@ async def _serve(daemon: Daemon, notifier: Notifier, endpoints: list[Endpoint],
     # first, the finally clause says it.
     watch = asyncio.ensure_future(stopping())
     try:
+        for service in services:
+            await service.start()
         await daemon.run()
     finally:
         watch.cancel()
         say_stopping()
         events.unsubscribe(follow)
+        for service in services:
+            await service.close()
+
+
+def _operations_sockets(args: argparse.Namespace
+                        ) -> tuple[socket.socket | None, socket.socket | None]:
+    """The control socket and the metrics socket, as asked for."""
+    control = metrics = None
+    if args.control_socket:
+        # The same ownership options as the device sockets.
+        control = bind_unix(args.control_socket, args.socket_mode, args.socket_group)
+        control.listen(16)  # several clients may connect at once
+    if args.metrics:
+        host, port = args.metrics
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            metrics = socket.create_server((host, port), family=family, backlog=16)
+        except OSError as e:
+            _close_operations_sockets(args, control, None)
+            raise StartupError(f"--metrics={host}:{port}: {e.strerror or e}") from e
+    return control, metrics
+
+
+def _close_operations_sockets(args: argparse.Namespace, control: socket.socket | None,
+                              metrics: socket.socket | None) -> None:
+    if control is not None:
+        control.close()
+        os.unlink(args.control_socket)
+    if metrics is not None:
+        metrics.close()
+
+
 
 
 def _write_pidfile(path: str) -> None:

@@ -1,11 +1,16 @@
 """Request statistics: counting, merging, percentiles."""
 
+from bisect import bisect_left
+
 from vhostd.devices.stats import (
     LATENCY_BOUNDS_NS,
     OP_FLUSH,
     OP_READ,
     OP_WRITE,
     QueueStats,
+    add_snapshots,
+    bucket_of,
+    max_bucket_ns,
     percentile_ns,
 )
 
@@ -46,3 +51,29 @@ def test_percentiles() -> None:
     assert percentile_ns(s.latency, 0.5) == 10_000
     assert percentile_ns(s.latency, 0.99) == 10_000
     assert percentile_ns(s.latency, 1.0) == 1_000_000
+
+
+def test_bucket_lookup_agrees_with_a_search_of_the_bounds() -> None:
+    values = {0, 1, 4_999, (1 << 63) - 1, 10 ** 12}
+    for b in LATENCY_BOUNDS_NS:
+        values |= {b - 1, b, b + 1}
+    for k in range(64):
+        values |= {(1 << k) - 1, 1 << k, (1 << k) + 1}
+    for v in sorted(values):
+        assert bucket_of(v) == bisect_left(LATENCY_BOUNDS_NS, v), v
+        s = QueueStats()
+        s.completed(OP_READ, 0, True, v)
+        assert s.latency[bisect_left(LATENCY_BOUNDS_NS, v)] == 1, v
+
+
+def test_add_snapshots_and_slowest_bucket() -> None:
+    a, b = QueueStats(), QueueStats()
+    a.completed(OP_READ, 4096, True, 6_000)
+    b.completed(OP_WRITE, 512, False, 300_000)
+    b.in_flight = 2
+    total = add_snapshots(a.snapshot(), b.snapshot())
+    assert total["requests"] == 2 and total["in_flight"] == 2 and total["errors"] == 1
+    assert (total["bytes_read"], total["bytes_written"]) == (4096, 512)
+    assert total["latency_sum_ns"] == 306_000
+    assert max_bucket_ns(total["latency_buckets"]) == 500_000
+    assert max_bucket_ns(QueueStats().latency) is None

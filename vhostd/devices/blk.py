@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import struct
+import time
 from dataclasses import dataclass
 
 from vhostd_proto.virtio_admin import PartType
@@ -26,8 +27,20 @@ from vhostd_proto.virtio_blk import (
     BlkStatus,
 )
 
+from ..core import events
 from ..engine.virtqueue import Handler, SplitVirtqueue, scatter
 from .backing import BlockBackend, FileBackend
+from .stats import (
+    OP_DISCARD,
+    OP_FLUSH,
+    OP_GET_ID,
+    OP_OTHER,
+    OP_READ,
+    OP_WRITE,
+    OP_WRITE_ZEROES,
+    OPS,
+    QueueStats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +65,10 @@ MAX_WRITE_ZEROES_SECTORS = 1 << 22
 MAX_WRITE_ZEROES_SEG = 32
 SIZE_MAX = 1 << 20
 SEG_MAX_QUEUE = 128
+
+# Statistics kind of each request type (stats.OPS order).
+_OP_OF = {T_IN: OP_READ, T_OUT: OP_WRITE, T_FLUSH: OP_FLUSH, T_DISCARD: OP_DISCARD,
+          T_WRITE_ZEROES: OP_WRITE_ZEROES, T_GET_ID: OP_GET_ID}
 
 
 @dataclass
@@ -89,6 +106,8 @@ class BlkDevice:
         self._load_state()
         self.capacity = backend.size() // SECTOR
         self.refused = 0  # requests failed for their shape (logged, rate-limited)
+        # Counted where requests complete, by the process serving the queue.
+        self.queue_stats = [QueueStats() for _ in range(options.num_queues)]
         serial = options.serial or os.path.basename(getattr(backend, "path", name))
         self.serial = serial.encode()[:VIRTIO_BLK_ID_BYTES]
 
@@ -266,10 +285,14 @@ class BlkDevice:
         writev = backend.writev
         read_only = backend.read_only
         qname = queue.name
+        completed = self.queue_stats[queue.index].completed
+        now = time.monotonic_ns
 
         def handle(head: int, readable: list[memoryview], writable: list[memoryview]) -> int:
+            t0 = now()
             if not writable:
                 log.warning("%s: request at head %d has no status byte; dropped", qname, head)
+                completed(OP_OTHER, 0, False, now() - t0)
                 return 0
             last = writable[-1]
             status = last[len(last) - 1:]
@@ -290,6 +313,7 @@ class BlkDevice:
                 if hdr is None:
                     self._refuse(qname, head, "a request header shorter than 16 bytes")
                     status[0] = S_IOERR
+                    completed(OP_OTHER, 0, False, now() - t0)
                     return 1
                 rtype, _prio, sector = unpack_hdr(hdr)
             rtype &= ~VIRTIO_BLK_T_BARRIER
@@ -300,9 +324,11 @@ class BlkDevice:
                         self._refuse(qname, head, f"a read of {n} bytes at sector {sector} "
                                      f"beyond the capacity of {self.capacity} sectors")
                         status[0] = S_IOERR
+                        completed(OP_READ, 0, False, now() - t0)
                         return 1
                     readv(data_in, sector << 9)
                     status[0] = S_OK
+                    completed(OP_READ, n, True, now() - t0)
                     return n + 1
                 if rtype == T_OUT:
                     n = sum(map(len, data_out))
@@ -312,16 +338,24 @@ class BlkDevice:
                                          f"{sector} beyond the capacity of {self.capacity} "
                                          f"sectors")
                         status[0] = S_IOERR
+                        completed(OP_WRITE, 0, False, now() - t0)
                         return 1
                     writev(data_out, sector << 9)
                     if not self.wce:
                         backend.flush()
                     status[0] = S_OK
+                    completed(OP_WRITE, n, True, now() - t0)
                     return 1
-                return self._slow_request(rtype, data_out, data_in, status)
+                n = self._slow_request(rtype, data_out, data_in, status)
+                completed(_OP_OF.get(rtype, OP_OTHER), 0, status[0] == S_OK, now() - t0)
+                return n
             except OSError as e:
                 log.error("%s: request type %d at sector %d failed: %s", qname, rtype, sector, e)
                 status[0] = S_IOERR
+                op = _OP_OF.get(rtype, OP_OTHER)
+                completed(op, 0, False, now() - t0)
+                events.emit(events.IO_ERROR, device=self.name, queue=queue.index, op=OPS[op],
+                            sector=sector, error=e.strerror or str(e))
                 return 1
 
         return handle

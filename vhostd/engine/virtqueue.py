@@ -27,6 +27,7 @@ from vhostd_proto.virtio import (
     used_ring_size,
 )
 
+from ..core import events
 from .barrier import full_barrier
 from .dirtylog import DirtyLog
 from .dirtytrack import WriteTracker
@@ -399,6 +400,8 @@ class SplitVirtqueue:
         """Stop processing: the driver broke the ring (or its memory vanished)."""
         if not self.broken:
             log.error("%s: %s; queue stopped until the front end restarts it", self.name, why)
+            events.emit(events.DEVICE_NEEDS_RESET, device=self.name.partition("/")[0],
+                        queue=self.index, reason=why)
         self.broken = True
         _signal(self.err_fd)
 

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.pending import Pending
+from ..core import events
+from ..core.pending import Pending, after
 from ..vhost_user.handler import VhostUserHandler
+from . import devinfo
 from .server import DeviceServer
 from .worker import WorkerProcess
 
@@ -72,9 +74,34 @@ class Daemon:
     def refresh_capacity(self) -> None:
         """SIGHUP: storage may have grown; tell the front ends whose device changed."""
         for server in self.servers:
-            result = server.handler.refresh_capacity()
-            if isinstance(result, Pending):
-                result.then(_log_failure(server, "re-reading the size"))
+            self._refresh(server)
+
+    def _refresh(self, server: DeviceServer) -> bool | Pending[bool]:
+        def told(changed: bool) -> bool:
+            if changed:
+                events.emit(events.DEVICE_RESIZED, device=server.handler.name,
+                            size=devinfo.size_bytes(server.handler.device))
+            return changed
+
+        result = after(server.handler.refresh_capacity(), told)
+        if isinstance(result, Pending):
+            result.then(_log_failure(server, "re-reading the size"))
+        return result
+
+    # ---- what the control socket and metrics ask (control.ControlTarget) ----
+    def devices(self) -> list[dict[str, Any]]:
+        return devinfo.describe_devices(self.servers)
+
+    async def device_stats(self, name: str | None = None) -> list[dict[str, Any]]:
+        return await devinfo.device_stats(self.servers, name)
+
+    async def resize(self, name: str) -> dict[str, Any]:
+        server = devinfo.find(self.servers, name)
+        changed = await wait_for(self._refresh(server))
+        return {"size": devinfo.size_bytes(server.handler.device), "changed": changed}
+
+    def set_log_level(self, level: str) -> None:
+        logging.getLogger().setLevel(level.upper())
 
     def report_state(self) -> None:
         """SIGUSR1: every device's rings, one log line each, read where they run."""

@@ -11,7 +11,10 @@ object, with fds attached to its first byte. The main process sends ``run`` (a r
 its fds), ``recall`` (rings to give back once their outstanding requests completed),
 ``stats`` (the rings' counters, read while they run) and ``exit``; each carries an
 ``id`` its answer repeats. Nothing on the main process's loop waits for an answer: it
-arrives as a readable channel and resolves a callback. A worker dies with its parent
+arrives as a readable channel and resolves a callback. Daemon events a worker's rings
+emit (``core/events.py``: a ring needing reset, I/O errors) travel on a second
+socketpair, one datagram each, and are emitted again in the main process; a full socket
+drops an event rather than make a ring wait. A worker dies with its parent
 (PR_SET_PDEATHSIG), so a killed daemon never leaves a process serving a ring that a
 restarted daemon serves again.
 """
@@ -33,6 +36,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..core import events
 from ..engine.loop import close_fds
 from ..engine.worker_ring import Spec, WorkerRing
 from .fdpass import anc_space, fds_ancillary, take_fds
@@ -114,18 +118,23 @@ class WorkerProcess:
     def __init__(self, name: str, log_level: str = "info") -> None:
         self.name = name
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ev_parent, ev_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "vhostd.shell.worker", str(child.fileno()), name,
-                 log_level, str(os.getpid())],
-                pass_fds=[child.fileno()],
+                 log_level, str(os.getpid()), str(ev_child.fileno())],
+                pass_fds=[child.fileno(), ev_child.fileno()],
             )
         except OSError:
             parent.close()
+            ev_parent.close()
             raise
         finally:
             child.close()
+            ev_child.close()
         self.sock = parent
+        self.events = ev_parent
+        self.events.setblocking(False)
         self.sock.setblocking(False)
         self.dead = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -146,6 +155,24 @@ class WorkerProcess:
         self._loop = loop
         self._on_exit = on_exit
         loop.add_reader(self.sock.fileno(), self._readable)
+        loop.add_reader(self.events.fileno(), self._events_readable)
+
+    def _events_readable(self) -> None:
+        """Emit here what the worker's rings emitted there."""
+        while True:
+            try:
+                data = self.events.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                if self._loop is not None:
+                    self._loop.remove_reader(self.events.fileno())
+                return
+            try:
+                msg = json.loads(data)
+                events.emit(str(msg["event"]), **msg["data"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("queue worker %s sent an unreadable event", self.name)
 
     # ---- calls ------------------------------------------------------------------------
     def _call(self, msg: dict[str, Any], fds: list[int], answer: Answer,
@@ -255,6 +282,7 @@ class WorkerProcess:
         self.dead = True
         if self._loop is not None:
             self._loop.remove_reader(self.sock.fileno())
+            self._loop.remove_reader(self.events.fileno())
             if self._writing:
                 self._loop.remove_writer(self.sock.fileno())
         self.proc.kill()
@@ -274,6 +302,7 @@ class WorkerProcess:
     def close(self) -> None:
         if self._loop is not None and not self.dead:
             self._loop.remove_reader(self.sock.fileno())
+            self._loop.remove_reader(self.events.fileno())
             if self._writing:
                 self._loop.remove_writer(self.sock.fileno())
         self._loop = None
@@ -290,6 +319,7 @@ class WorkerProcess:
         self._out.clear()
         self._reader.close()
         self.sock.close()
+        self.events.close()
         try:
             self.proc.wait(2)
         except subprocess.TimeoutExpired:
@@ -434,6 +464,17 @@ class WorkerMain:
             work.recall(lambda state, key=key: one(key, state))
 
 
+def _forward_events(sock: socket.socket) -> events.Listener:
+    """A listener sending each event to the daemon. An event that does not fit (the
+    daemon is not reading) is dropped rather than let the ring wait."""
+    def forward(name: str, data: dict[str, Any]) -> None:
+        try:
+            sock.send(json.dumps({"event": name, "data": data}).encode(), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+    return forward
+
+
 def main(argv: list[str]) -> int:
     fd, name, level, parent = int(argv[0]), argv[1], argv[2], int(argv[3])
     libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -443,6 +484,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()),
                         format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
+    if len(argv) > 4:
+        events.subscribe(_forward_events(socket.socket(fileno=int(argv[4]))))
     loop = EpollLoop()
     sock = socket.socket(fileno=fd)
     worker = WorkerMain(loop, sock)

@@ -25,7 +25,6 @@ from vhostd_proto import vhost_user as vu
 from vhostd_proto.vhost_user import BackendRequest
 from vhostd_proto.virtio import Feature
 
-from ..core import events
 from ..core.pending import Pending, after, all_of
 from ..core.protocol import RULES, BackendProtocol, DeviceInfo, Message, ProtocolError, RingScope
 from ..engine.dirtylog import DirtyLog
@@ -566,10 +565,8 @@ class VhostUserHandler:
                 changed = self.device.refresh_capacity()
             finally:
                 self.placement.release(everything)
-            if changed:
-                events.emit(events.DEVICE_RESIZED, device=self.name)
-                if self.protocol is not None:
-                    self.config_changed()
+            if changed and self.protocol is not None:
+                self.config_changed()
             return changed
 
         return after(self.placement.hold(everything), refresh)

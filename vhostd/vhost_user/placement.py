@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..core.pending import Pending, all_of
 from ..engine.loop import Loop
@@ -253,16 +253,23 @@ class RingPlacement:
 
     # ---- statistics ------------------------------------------------------------------
     def stats(self) -> list[Spec] | Pending[list[Spec]]:
-        """Every ring's counters, read where it runs, without stopping or moving it."""
-        out: list[Spec] = [{} for _ in self.source.queues]
+        """Every ring's counters, read where it runs, without stopping or moving it.
+
+        Each ring: the ring's own counters (``requests``, ``kicks``, ``outstanding``, a
+        ``line`` for a person), ``where`` (the worker serving it, or None), ``live``
+        (False if its worker did not answer: the numbers are this process's last), and
+        the device's request statistics in two halves: ``device_here`` (counted in this
+        process, also for the ring's earlier stays) and ``device_there`` (counted by the
+        worker since the ring went there; None for a ring served here)."""
+        out: list[Spec] = []
         asks: dict[int, tuple[Worker, list[int]]] = {}
         for q in self.source.queues:
             i = q.index
             worker = self.workers[i]
             here = ring_stats(q, None)
-            here["device"] = self.source.device_stats(q)
-            here["where"] = None
-            out[i] = here
+            here.update(where=None, live=True, device_here=self.source.device_stats(q),
+                        device_there=None)
+            out.append(here)
             if worker is not None and self._in_worker[i] and self._returning[i] is None:
                 asks.setdefault(id(worker), (worker, []))[1].append(i)
         if not asks:
@@ -282,39 +289,14 @@ def _stats_done(placement: RingPlacement, worker: Worker, indices: list[int],
                 ) -> Callable[[dict[str, Spec] | None, str | None], None]:
     def done(states: dict[str, Spec] | None, error: str | None) -> None:
         for i in indices:
+            out[i]["where"] = worker.name
             live = states.get(placement._key(i)) if states is not None else None
             if live is None:
-                out[i]["live"] = False  # last known numbers: the worker did not answer
+                out[i]["live"] = False  # the worker did not answer: last known numbers
                 continue
-            out[i] = _add(out[i], live)
-            out[i]["where"] = worker.name
+            device = live.pop("device", None)
+            out[i].update(live)  # the ring's own counters travel with it: totals
+            out[i]["device_there"] = device
         p.resolve(None)
 
     return done
-
-
-def _add(home: Spec, live: Spec) -> Spec:
-    """Counters kept here for a ring's time in this process, plus the worker's now.
-    The ring's own counters travel with it, so the worker's are already totals."""
-    out = dict(live)
-    dev_home, dev_live = home.get("device"), live.get("device")
-    if dev_home and dev_live:
-        out["device"] = _sum_stats(dev_home, dev_live)
-    elif dev_home:
-        out["device"] = dev_home
-    return out
-
-
-def _sum_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in a.items():
-        w = b.get(k)
-        if isinstance(v, int) and isinstance(w, int):
-            out[k] = w if k == "in_flight" else v + w
-        elif isinstance(v, dict) and isinstance(w, dict):
-            out[k] = {kk: v.get(kk, 0) + w.get(kk, 0) for kk in v.keys() | w.keys()}
-        elif isinstance(v, list) and isinstance(w, list):
-            out[k] = [x + y for x, y in zip(v, w, strict=False)]
-        else:
-            out[k] = v
-    return out
