@@ -31,10 +31,10 @@ from unit_support import (
     vring_fd,
 )
 
-from vhostd.devices.backing import FileBackend
 from vhostd.devices.blk import BlkDevice, BlkOptions
 from vhostd.devices.owner import DEV_PARTS_OBJECTS_LIMIT, AdminCommands, OwnerDevice
 from vhostd.engine.backend import MemberMode, VhostUserBackend
+from vhostd.storage.file import FileStorage
 from vhostd_proto.vhost_user import Request as R
 
 # ---- constants, written from the reference tables ----------------------------------
@@ -172,7 +172,7 @@ def members(tmp_path: Path, watcher: Watcher) -> Iterator[list[VhostUserBackend]
         path = tmp_path / f"m{i}.img"
         with open(path, "wb") as f:
             f.truncate(IMAGE)
-        dev = BlkDevice(f"member{i}", FileBackend(str(path)),
+        dev = BlkDevice(f"member{i}", FileStorage(str(path)),
                         BlkOptions(num_queues=nq, queue_size=16))
         out.append(VhostUserBackend(dev, watcher))
     yield out

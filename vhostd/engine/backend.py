@@ -231,6 +231,9 @@ class VhostUserBackend:
             host = self.hosts[q.index]
             if host is None or q.index in self._away or not q.ready or q.kick_fd is None:
                 continue
+            busy = getattr(self.device, "busy", None)
+            if busy is not None and busy(q.index):
+                self.device.drain()  # a ring leaves at rest: its requests complete first
             spec, fds = ring_spec(q, self.memory, self.device, self.inflight, self.tracker)
             try:
                 host.run(self._ring_key(q.index), spec, fds)

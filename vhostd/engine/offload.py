@@ -171,6 +171,9 @@ class RingWork:
         q.stop_batching()
         if self.kick_fd is not None:
             self.watcher.remove_reader(self.kick_fd)
+        drain = getattr(self.device, "drain", None)
+        if drain is not None:
+            drain()  # requests its storage still runs complete before the ring leaves
         if q.started and not q.broken:
             q._publish()
         state = q.export_state()

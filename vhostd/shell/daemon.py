@@ -34,6 +34,12 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.servers = [DeviceServer(loop, ep.backend, ep.sock, ep.path) for ep in endpoints]
         self.workers = workers or []
+        for server in self.servers:
+            # A store that learns its size later (NBD) reports back here after SIGHUP.
+            dev = server.backend.device
+            for d in (dev, getattr(dev, "disk", None)):
+                if d is not None and hasattr(d, "on_resize"):
+                    d.on_resize = lambda s=server: self._resized(s)
         for worker in self.workers:
             worker.watch(loop, self._worker_exited)
 
@@ -48,6 +54,10 @@ class Daemon:
             changed = server.backend.refresh_capacity()
             if changed and server.connection is not None:
                 server.backend.config_changed()
+
+    def _resized(self, server: DeviceServer) -> None:
+        if server.backend.refresh_capacity() and server.connection is not None:
+            server.backend.config_changed()
 
     def report_state(self) -> None:
         """SIGUSR1: every device's rings, one log line each."""

@@ -227,7 +227,8 @@ class Worker:
         self.loop = loop
         self.sock = sock
         self.rings: dict[str, RingWork] = {}
-        self.make_device = device_from_spec
+        # Each ring's device builds its own storage backend, completing on this loop.
+        self.make_device = lambda spec, fds: device_from_spec(spec, fds, loop)
         loop.add_reader(sock.fileno(), self._control)
 
     def _control(self) -> None:
