@@ -108,7 +108,7 @@ class _Conn:
 
     def __init__(self, owner: NbdStorage, h: Any) -> None:
         self.owner = owner
-        self.h = h
+        self.h: Any = h
         self.fd = -1
         self.cmds: dict[int, _Req] = {}
         self.ready = False
@@ -142,12 +142,12 @@ class _Conn:
     def close(self) -> None:
         self.stop_writing()
         if self.fd >= 0 and self.owner.watcher is not None:
-            self.owner.watcher.remove_reader(self.fd)
+            try:
+                self.owner.watcher.remove_reader(self.fd)
+            except OSError:
+                pass  # libnbd already closed the socket of a dead connection
         self.fd = -1
-        try:
-            self.h.close()
-        except Exception:
-            pass
+        self.h = None  # libnbd closes a handle when its last reference goes
 
 
 class NbdStorage:
@@ -179,7 +179,6 @@ class NbdStorage:
             try:
                 h.connect_uri(uri)
             except nbd.Error as e:
-                h.close()
                 raise NbdError(f"{uri}: {e.string}") from None
             info = self._info(h)
             conn = _Conn(self, h)
@@ -223,7 +222,6 @@ class NbdStorage:
             try:
                 h.aio_connect_uri(self.uri)
             except nbd.Error as e:
-                h.close()
                 self._connect_failed(f"cannot connect: {e.string}")
                 return
             conn = _Conn(self, h)
@@ -441,6 +439,12 @@ class NbdStorage:
         req.parts += len(cookies)
         if not cookies:
             self._finish(req, 0)
+        if h.aio_is_dead() or h.aio_is_closed():
+            # libnbd found the connection gone while sending (and closed its socket,
+            # so the loop would never hear of it).
+            self._drop(conn)
+            self._connect_more()
+            return False
         conn.update_direction()
         return True
 
@@ -517,7 +521,6 @@ class NbdStorage:
         try:
             h.aio_connect_uri(self.uri)
         except nbd.Error as e:
-            h.close()
             log.warning("%s: cannot re-read the size: %s", self.uri, e.string)
             self._resize_finish(_errno(e))
             return
