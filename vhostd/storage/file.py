@@ -253,8 +253,10 @@ class FileStorage:
             if got:
                 iov = _rest(iov, got)
                 offset += got
-        elif self._inline_reads:
-            transfer(self.fd, iov, offset, False)
+        elif self._inline_reads and len(iov) <= IOV_MAX:
+            got = os.preadv(self.fd, iov, offset)
+            if got != sum(map(len, iov)):
+                transfer(self.fd, _rest(iov, got), offset + got, False)
             return DONE
         fd = self.fd
         return self._slow(lambda: transfer(fd, iov, offset, False), token)
