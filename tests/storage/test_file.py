@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Completions, Loop
+from storage_support import Completions, Loop
 
 from vhostd.storage import DONE, PENDING
 from vhostd.storage.file import FileStorage

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Completions, Loop, NbdServer
+from storage_support import Completions, Loop, NbdServer
 
 from vhostd.storage import DONE, PENDING
 from vhostd.storage.nbd import NbdError, NbdStorage, check_uri

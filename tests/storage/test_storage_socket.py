@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import NbdServer
+from storage_support import NbdServer
 
 from vhostd.frontend.blk import BlkFrontend
 
