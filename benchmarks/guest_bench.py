@@ -3,7 +3,11 @@
     python benchmarks/guest_bench.py [--reps 3] [--runtime 10] [--backing file,tmpfs]
                                      [--json out.json]
 
-For each backing store (a raw file in the page cache; the same on tmpfs) and each
+Backings: ``file`` (a raw file in the page cache), ``tmpfs``, ``direct`` (a 4 GiB
+image read with O_DIRECT from a cold page cache: vhostd --direct against qsd
+cache.direct=on,aio=io_uring; the cache is dropped before each run) and ``nbd`` (the
+image served by nbdkit with its delay filter, 1 ms per request: vhostd --blk-nbd
+against qsd --blockdev driver=nbd). For each backing store and each
 repetition, boots the project's test guest under QEMU (TCG, 2 vCPUs, one
 vhost-user-blk disk with 2 queues) once against vhostd and once against
 `qemu-storage-daemon --export type=vhost-user-blk`, alternating which goes first,
@@ -157,6 +161,55 @@ def run_guest(image: GuestImage, sock: Path, pid: int, runtime: int, jobs: list[
 
 
 VHOSTD_ARGS: list[str] = []  # from --vhostd-args
+DIRECT_IMAGE_SIZE = 4 << 30
+NBD_DELAY = "1ms"
+
+
+def drop_caches(path: Path) -> None:
+    """Cold page cache for ``path``: its pages out, and everyone's where allowed."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass
+
+
+class NbdKit:
+    """nbdkit serving ``image`` with the delay filter on a unix socket."""
+
+    def __init__(self, image: Path, sock: Path) -> None:
+        sock.unlink(missing_ok=True)
+        self.sock = sock
+        self.proc = subprocess.Popen(
+            ["nbdkit", "-f", "-U", str(sock), "--filter=delay", "file", str(image),
+             f"rdelay={NBD_DELAY}", f"wdelay={NBD_DELAY}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("nbdkit did not start")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def disk_args(backing: str, disk: Path, work: Path) -> tuple[list[str], str | None]:
+    """vhostd's disk arguments and qsd's file node for a backing."""
+    if backing == "direct":
+        return [f"--blk-file={disk}", "--direct"], (
+            f"driver=file,node-name=file0,filename={disk},cache.direct=on,aio=io_uring")
+    if backing == "nbd":
+        sock = work / "nbd.sock"
+        return ([f"--blk-nbd=nbd+unix:///?socket={sock}"],
+                f"driver=nbd,node-name=file0,server.type=unix,server.path={sock}")
+    return [f"--blk-file={disk}"], None
 
 
 def run_vhostd(image: GuestImage, disk: Path, work: Path, runtime: int, jobs: list[str],
@@ -167,7 +220,7 @@ def run_vhostd(image: GuestImage, disk: Path, work: Path, runtime: int, jobs: li
     log_path = work / "vhostd.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "vhostd", f"--socket-path={sock}",
-                                 f"--blk-file={disk}", "--num-queues=2",
+                                 *disk_args(backing, disk, work)[0], "--num-queues=2",
                                  f"--pidfile={pidfile}", *VHOSTD_ARGS], stderr=log_file)
     try:
         while not pidfile.exists():
@@ -188,17 +241,18 @@ def run_vhostd(image: GuestImage, disk: Path, work: Path, runtime: int, jobs: li
 def run_qsd(image: GuestImage, disk: Path, work: Path, runtime: int, jobs: list[str],
             backing: str) -> Run:
     sock = work / "qsd.sock"
-    with StorageDaemon(disk, sock, num_queues=2) as qsd:
+    with StorageDaemon(disk, sock, num_queues=2,
+                       file_node=disk_args(backing, disk, work)[1]) as qsd:
         assert qsd.proc is not None
         run = Run("qsd", backing)
         run_guest(image, sock, qsd.proc.pid, runtime, jobs, run)
         return run
 
 
-def prefill(path: Path) -> None:
+def prefill(path: Path, size: int = IMAGE_SIZE) -> None:
     chunk = os.urandom(1 << 20)
     with open(path, "wb") as f:
-        for _ in range(IMAGE_SIZE >> 20):
+        for _ in range(size >> 20):
             f.write(chunk)
 
 
@@ -250,7 +304,8 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3, help="A/B repetitions (default 3)")
     p.add_argument("--runtime", type=int, default=10, help="seconds per fio job (default 10)")
     p.add_argument("--backing", default="file,tmpfs",
-                   help="comma-separated: file (page cache), tmpfs (default both)")
+                   help="comma-separated: file (page cache), tmpfs, direct (cold, O_DIRECT, "
+                        "4 GiB), nbd (nbdkit, 1 ms delay) (default file,tmpfs)")
     p.add_argument("--jobs", default=",".join(JOBS), help="comma-separated fio jobs")
     p.add_argument("--json", type=Path, help="write the summary and every run here")
     p.add_argument("--vhostd-args", default="",
@@ -260,19 +315,30 @@ def main() -> int:
     jobs = args.jobs.split(",")
     image = build_guest(progress=lambda line: print(line, flush=True))
     runs: list[Run] = []
-    bases = {"file": Path(tempfile.gettempdir()), "tmpfs": Path("/dev/shm")}
+    tmp = Path(tempfile.gettempdir())
+    bases = {"file": tmp, "tmpfs": Path("/dev/shm"), "direct": tmp, "nbd": tmp}
     for backing in args.backing.split(","):
         work = Path(tempfile.mkdtemp(prefix="vhostd-bench-", dir=bases[backing]))
         try:
             original = work / "fill.img"
-            prefill(original)
+            big = backing == "direct"
+            # 4 GiB is not copied per run: both daemons use the one image.
+            prefill(original, DIRECT_IMAGE_SIZE if big else IMAGE_SIZE)
             for rep in range(args.reps):
                 order = [run_vhostd, run_qsd] if rep % 2 == 0 else [run_qsd, run_vhostd]
                 print(f"{backing}, repetition {rep + 1}/{args.reps}", flush=True)
                 for fn in order:
-                    disk = work / "disk.img"
-                    shutil.copyfile(original, disk)  # identical bytes for both daemons
-                    runs.append(fn(image, disk, work, args.runtime, jobs, backing))
+                    disk = original if big else work / "disk.img"
+                    if not big:
+                        shutil.copyfile(original, disk)  # identical bytes for both daemons
+                    else:
+                        drop_caches(disk)
+                    server = NbdKit(disk, work / "nbd.sock") if backing == "nbd" else None
+                    try:
+                        runs.append(fn(image, disk, work, args.runtime, jobs, backing))
+                    finally:
+                        if server is not None:
+                            server.close()
         finally:
             shutil.rmtree(work, ignore_errors=True)
     summary = summarize(runs, jobs)

@@ -29,12 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from vhostd.devices.backing import FileBackend
 from vhostd.devices.blk import BlkDevice, BlkOptions
 from vhostd.engine.memory import GuestMemory as EngineMemory
 from vhostd.engine.packed import set_layout
 from vhostd.engine.virtqueue import SplitVirtqueue
 from vhostd.frontend.blk import BlkFrontend
+from vhostd.storage.file import FileStorage
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 QSIZE = 256
@@ -93,7 +93,7 @@ def engine_bench(batch: int, seconds: float, packed: bool = False,
         path = Path(d) / "disk.img"
         with open(path, "wb") as f:
             f.write(os.urandom(16 << 20))
-        dev = BlkDevice("bench", FileBackend(str(path)), BlkOptions(queue_size=QSIZE))
+        dev = BlkDevice("bench", FileStorage(str(path)), BlkOptions(queue_size=QSIZE))
         size = 8 << 20
         fd = os.memfd_create("bench")
         os.ftruncate(fd, size)

@@ -361,7 +361,11 @@ class StorageDaemon:
         extra_args: Sequence[str] = (),
         binary: str = "qemu-storage-daemon",
         timeout: float = 10.0,
+        file_node: str | None = None,
     ) -> None:
+        """``file_node``: the ``--blockdev`` of node ``file0`` instead of a buffered file
+        (e.g. ``driver=file,...,cache.direct=on,aio=io_uring`` or ``driver=nbd,...``)."""
+        self.file_node = file_node
         self.image = Path(image)
         self.socket = Path(socket)
         self.num_queues = num_queues
@@ -387,6 +391,7 @@ class StorageDaemon:
         return [
             self.binary,
             "--blockdev",
+            self.file_node or
             f"driver=file,node-name=file0,filename={self.image},cache.direct=off{unmap}",
             "--blockdev",
             f"driver=raw,node-name=disk0,file=file0{unmap}",

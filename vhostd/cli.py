@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .core import events
-from .devices.backing import FileBackend
 from .devices.blk import BlkDevice, BlkOptions
 from .devices.owner import OwnerDevice
 from .engine.inflight import CHECK_ENV
@@ -29,8 +28,13 @@ from .shell.discovery import CAPABILITIES, descriptor
 from .shell.server import StartupError, adopt_listening_fd, bind_unix
 from .shell.systemd import ActivationError, ListenFds, Notifier, listen_fds
 from .shell.worker import WorkerProcess
+from .storage.base import StorageBackend
+from .storage.file import FileStorage
+from .storage.nbd import NbdError, NbdStorage
 from .vhost_user.handler import VhostUserHandler
 from .vhost_user.member import Member
+
+TRACE_RATE_DEFAULT = 100
 
 
 def _number(text: str) -> int:
@@ -94,17 +98,37 @@ def _mode(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode") from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 86400")
+    return value
+
+
+def _on_off(key: str, value: str) -> bool:
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{key}={value}: expected on or off")
+    return value == "on"
+
+
 @dataclass
 class MemberSpec:
     socket_path: str
-    blk_file: str
+    blk_file: str | None = None
     read_only: bool = False
     num_queues: int = 1
     queue_size: int = 1024
     serial: str = ""
+    blk_nbd: str | None = None
+    direct: bool = False
+    reconnect_delay: float | None = None
 
 
-_MEMBER_KEYS = {"socket-path", "blk-file", "read-only", "num-queues", "queue-size", "serial"}
+_MEMBER_KEYS = {"socket-path", "blk-file", "blk-nbd", "read-only", "num-queues", "queue-size",
+                "serial", "direct", "reconnect-delay"}
 
 
 def parse_member(text: str) -> MemberSpec:
@@ -118,15 +142,21 @@ def parse_member(text: str) -> MemberSpec:
         if key in opts:
             raise argparse.ArgumentTypeError(f"{key} given twice")
         opts[key] = value
-    if not opts.get("blk-file"):
-        raise argparse.ArgumentTypeError("blk-file= is required")
     if "socket-path" in opts and not opts["socket-path"]:
         raise argparse.ArgumentTypeError("socket-path= is empty")
-    ro = opts.get("read-only", "off")
-    if ro not in ("on", "off"):
-        raise argparse.ArgumentTypeError(f"read-only={ro}: expected on or off")
+    if bool(opts.get("blk-file")) == bool(opts.get("blk-nbd")):
+        raise argparse.ArgumentTypeError("exactly one of blk-file= or blk-nbd= is required")
+    if "direct" in opts and opts.get("blk-nbd"):
+        raise argparse.ArgumentTypeError("direct= applies to blk-file= only")
+    if "reconnect-delay" in opts and not opts.get("blk-nbd"):
+        raise argparse.ArgumentTypeError("reconnect-delay= applies to blk-nbd= only")
     return MemberSpec(
-        socket_path=opts.get("socket-path", ""), blk_file=opts["blk-file"], read_only=ro == "on",
+        socket_path=opts.get("socket-path", ""), blk_file=opts.get("blk-file") or None,
+        blk_nbd=opts.get("blk-nbd") or None,
+        read_only=_on_off("read-only", opts.get("read-only", "off")),
+        direct=_on_off("direct", opts.get("direct", "off")),
+        reconnect_delay=(_seconds(opts["reconnect-delay"]) if "reconnect-delay" in opts
+                         else None),
         num_queues=_positive(opts.get("num-queues", "1")),
         queue_size=_positive(opts.get("queue-size", "1024")),
         serial=opts.get("serial", ""),
@@ -155,14 +185,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the socket file to this group (name or number), so a front end "
                         "running as a member of it (libvirt's QEMU: kvm) may connect; use "
                         "with --socket-mode=0660")
-    p.add_argument("--blk-file", metavar="FILE",
-                   help="raw image file to serve (with --member: the owner's own disk)")
+    disk = p.add_mutually_exclusive_group()
+    disk.add_argument("--blk-file", metavar="FILE",
+                      help="raw image file to serve (with --member: the owner's own disk)")
+    disk.add_argument("--blk-nbd", metavar="URI",
+                      help="serve an NBD export instead of a file: nbd://HOST[:PORT]/EXPORT "
+                           "or nbd+unix:///EXPORT?socket=PATH")
+    p.add_argument("--direct", action="store_true",
+                   help="open image files with O_DIRECT (no host page cache; like QEMU's "
+                        "cache.direct=on)")
+    p.add_argument("--reconnect-delay", type=_seconds, default=10.0, metavar="S",
+                   help="NBD: how long requests wait for a lost server to come back before "
+                        "they fail (default 10)")
+    p.add_argument("--trace-requests", type=_positive, nargs="?", const=TRACE_RATE_DEFAULT,
+                   default=0, metavar="RATE",
+                   help="debugging: log every request (queue, head, type, sector, length, "
+                        "status, latency) at up to RATE lines a second (default "
+                        f"{TRACE_RATE_DEFAULT})")
     p.add_argument("--member", action="append", default=[], metavar="OPTS",
                    type=parse_member,
                    help="add a member device managed by an owner device on --socket-path: "
-                        "socket-path=PATH,blk-file=FILE[,read-only=on][,num-queues=N]"
-                        "[,queue-size=N][,serial=ID] (repeat; members are 1..N in order; "
-                        "without socket-path= the member's socket comes from systemd)")
+                        "socket-path=PATH,blk-file=FILE|blk-nbd=URI[,read-only=on]"
+                        "[,direct=on][,reconnect-delay=S][,num-queues=N][,queue-size=N]"
+                        "[,serial=ID] (repeat; members are 1..N in order; without "
+                        "socket-path= the member's socket comes from systemd)")
     p.add_argument("--read-only", action="store_true", help="serve the image read-only")
     p.add_argument("--num-queues", type=_positive, default=1, metavar="N",
                    help="number of request queues (default 1)")
@@ -216,18 +262,30 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _blk_device(name: str, path: str, read_only: bool, options: BlkOptions,
+def _open_storage(path: str | None, uri: str | None, read_only: bool, direct: bool,
+                  reconnect_delay: float, connections: int) -> StorageBackend:
+    if uri is not None:
+        try:
+            return NbdStorage(uri, read_only=read_only, reconnect_delay=reconnect_delay,
+                              connections=connections)
+        except NbdError as e:
+            raise StartupError(str(e)) from e
+    assert path is not None
+    try:
+        return FileStorage(path, read_only=read_only, direct=direct)
+    except OSError as e:
+        raise StartupError(f"cannot open {path}{' with O_DIRECT' if direct else ''}: "
+                           f"{e.strerror}") from e
+
+
+def _blk_device(name: str, storage: StorageBackend, options: BlkOptions,
                 state_dir: str | None = None) -> BlkDevice:
     if state_dir:
         options.state_path = os.path.join(state_dir, f"{name}.json")
     try:
-        backend = FileBackend(path, read_only=read_only)
-    except OSError as e:
-        raise StartupError(f"cannot open {path}: {e.strerror}") from e
-    try:
-        return BlkDevice(name, backend, options)
+        return BlkDevice(name, storage, options)
     except ValueError as e:
-        backend.close()
+        storage.close()
         raise StartupError(f"{name}: {e}") from e
 
 
@@ -275,20 +333,26 @@ def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
         raise StartupError("one of --socket-path or --fd is required (or sockets passed by "
                            "systemd socket activation)")
     _check_activation(args)
-    if not args.blk_file and not args.member:
-        raise StartupError("--blk-file is required (or --member for an owner device)")
+    if not args.blk_file and not args.blk_nbd and not args.member:
+        raise StartupError("--blk-file or --blk-nbd is required (or --member for an owner "
+                           "device)")
+    if args.direct and args.blk_nbd:
+        raise StartupError("--direct applies to --blk-file only")
     if args.state_dir and not os.path.isdir(args.state_dir):
         raise StartupError(f"--state-dir {args.state_dir} is not a directory")
     disk = None
-    if args.blk_file:
-        disk = _blk_device("blk0" if not args.member else "owner-disk", args.blk_file,
-                           args.read_only, BlkOptions(
+    if args.blk_file or args.blk_nbd:
+        storage = _open_storage(args.blk_file, args.blk_nbd, args.read_only, args.direct,
+                                args.reconnect_delay, args.num_queues)
+        disk = _blk_device("blk0" if not args.member else "owner-disk", storage, BlkOptions(
                                num_queues=args.num_queues,
                                queue_size=args.queue_size,
                                logical_block_size=args.logical_block_size,
                                serial=args.serial,
                                writeback=not args.writethrough,
+                               trace_rate=args.trace_requests,
                            ), args.state_dir)
+        disk.start(loop)
     endpoints: list[Endpoint] = []
     if not args.member:
         assert disk is not None
@@ -296,11 +360,16 @@ def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
         return [Endpoint(VhostUserHandler(disk, loop), sock, path)]
     members = []
     for i, spec in enumerate(args.member, start=1):
-        device = _blk_device(f"member{i}", spec.blk_file, spec.read_only, BlkOptions(
+        storage = _open_storage(
+            spec.blk_file, spec.blk_nbd, spec.read_only, spec.direct or args.direct,
+            args.reconnect_delay if spec.reconnect_delay is None else spec.reconnect_delay,
+            spec.num_queues)
+        device = _blk_device(f"member{i}", storage, BlkOptions(
             num_queues=spec.num_queues, queue_size=spec.queue_size,
             logical_block_size=args.logical_block_size, serial=spec.serial,
-            writeback=not args.writethrough,
+            writeback=not args.writethrough, trace_rate=args.trace_requests,
         ), args.state_dir)
+        device.start(loop)
         members.append(VhostUserHandler(device, loop))
     owner = VhostUserHandler(OwnerDevice([Member(m) for m in members], disk), loop)
     try:

@@ -10,8 +10,8 @@ import pytest
 from unit_support import IMAGE_SIZE, GuestRam, make_info, negotiate
 
 from vhostd.core.protocol import BackendProtocol, DeviceInfo
-from vhostd.devices.backing import FileBackend
 from vhostd.devices.blk import BlkDevice, BlkOptions
+from vhostd.storage.file import FileStorage
 from vhostd.vhost_user.handler import PROTOCOL_FEATURES
 from vhostd_proto.vhost_user import ProtocolFeature as PF
 
@@ -87,11 +87,11 @@ def make_blk(image: Path) -> Iterator[Callable[..., BlkDevice]]:
     devices: list[BlkDevice] = []
 
     def make(read_only: bool = False, **options: object) -> BlkDevice:
-        dev = BlkDevice("blk0", FileBackend(str(image), read_only=read_only),
+        dev = BlkDevice("blk0", FileStorage(str(image), read_only=read_only),
                         BlkOptions(**options))  # type: ignore[arg-type]
         devices.append(dev)
         return dev
 
     yield make
     for dev in devices:
-        dev.backend.close()
+        dev.storage.close()

@@ -33,9 +33,9 @@ from unit_support import (
 )
 
 from vhostd.core.member import MemberMode
-from vhostd.devices.backing import FileBackend
 from vhostd.devices.blk import BlkDevice, BlkOptions
 from vhostd.devices.owner import DEV_PARTS_OBJECTS_LIMIT, AdminCommands, OwnerDevice
+from vhostd.storage.file import FileStorage
 from vhostd.vhost_user.handler import VhostUserHandler
 from vhostd.vhost_user.member import Member
 from vhostd_proto.vhost_user import Request as R
@@ -179,7 +179,7 @@ def members(tmp_path: Path, watcher: Watcher) -> Iterator[list[Member]]:
         path = tmp_path / f"m{i}.img"
         with open(path, "wb") as f:
             f.truncate(IMAGE)
-        dev = BlkDevice(f"member{i}", FileBackend(str(path)),
+        dev = BlkDevice(f"member{i}", FileStorage(str(path)),
                         BlkOptions(num_queues=nq, queue_size=16))
         out.append(Member(VhostUserHandler(dev, watcher)))
     yield out

@@ -1,4 +1,4 @@
-"""virtio-blk device on a FileBackend: the request handler, config space and resize."""
+"""virtio-blk device on a FileStorage: the request handler, config space and resize."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from unit_support import F_WRITE, IMAGE_SIZE, GuestRam, Ring
 
-from vhostd.devices.backing import (
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
-    FileBackend,
-    fallocate,
-)
 from vhostd.devices.blk import BlkDevice, BlkOptions
 from vhostd.engine.virtqueue import Handler, SplitVirtqueue
+from vhostd.storage.file import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FileStorage,
+    fallocate,
+)
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
@@ -60,13 +60,13 @@ def file_bytes(image: Path, offset: int, n: int) -> bytes:
 
 def count_flushes(dev: BlkDevice, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    real = dev.backend.flush
+    real = dev.storage.flush
 
-    def flush() -> None:
+    def flush(token: object) -> int:
         calls.append(1)
-        real()
+        return real(token)
 
-    monkeypatch.setattr(dev.backend, "flush", flush)
+    monkeypatch.setattr(dev.storage, "flush", flush)
     return calls
 
 
@@ -291,7 +291,7 @@ def test_segment_longer_than_advertised_maximum(tmp_path: Path, rtype: int,
     path = tmp_path / "big.img"
     with open(path, "wb") as f:
         f.truncate(3 << 30)
-    backend = FileBackend(str(path))
+    backend = FileStorage(str(path))
     try:
         dev = BlkDevice("big", backend, BlkOptions())
         assert u32(dev.config(), 36 if rtype == T_DISCARD else 48) == 1 << 22
@@ -363,7 +363,7 @@ def test_read_only_refuses_changes(make_blk: MakeBlk, image: Path, rtype: int,
     if fd_writable:
         # The device must refuse by itself, not rely on the fd failing with EBADF.
         dev = make_blk()
-        dev.backend.read_only = True
+        dev.storage.read_only = True
     else:
         dev = make_blk(read_only=True)
     n, (status,) = run(dev, [hdr(rtype, 0), payload], [1])

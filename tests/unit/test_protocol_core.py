@@ -54,7 +54,7 @@ def offered_bits() -> set[PF]:
 
 
 def test_backend_offer_is_what_the_walkthrough_expects() -> None:
-    # The features the core is tested with (see vhostd/engine/backend.py).
+    # The features the core is tested with (see vhostd/vhost_user/handler.py).
     assert offered_bits() == {PF.MQ, PF.LOG_SHMFD, PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIG,
                               PF.INFLIGHT_SHMFD, PF.RESET_DEVICE, PF.CONFIGURE_MEM_SLOTS}
 

@@ -42,7 +42,7 @@ NUM_QUEUES = 2
 
 
 def make_info(protocol_features: int = PROTOCOL_FEATURES) -> DeviceInfo:
-    """What the back end offers (vhostd/engine/backend.py PROTOCOL_FEATURES by default)."""
+    """What the back end offers (vhostd/vhost_user/handler.py PROTOCOL_FEATURES by default)."""
     return DeviceInfo(features=FEATURES, protocol_features=protocol_features,
                       num_queues=NUM_QUEUES)
 

@@ -63,6 +63,12 @@ class Daemon:
         self.workers = workers or []
         # Called once every socket is watched and the signal handlers are in place.
         self.on_ready: Callable[[], None] | None = None
+        for server in self.servers:
+            # Storage that learns its size later (NBD) reports back here after SIGHUP.
+            dev = server.handler.device
+            for d in (dev, getattr(dev, "disk", None)):
+                if d is not None and hasattr(d, "on_resize"):
+                    d.on_resize = lambda s=server: self._refresh(s)
         for worker in self.workers:
             worker.attach(loop, self._worker_exited)
 

@@ -389,7 +389,8 @@ class WorkerMain:
         self.loop = loop
         self.sock = sock
         self.rings: dict[str, WorkerRing] = {}
-        self.make_device = device_from_spec
+        # Each ring's device builds its own storage backend, completing on this loop.
+        self.make_device = lambda spec, fds: device_from_spec(spec, fds, loop)
         self.reader = _Reader()
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._control)

@@ -81,6 +81,7 @@ class RingPlacement:
         self._returning: list[Pending[None] | None] = [None] * n
         self._holds = [0] * n
         self._watching: dict[int, int] = {}  # ring index -> kick fd watched here
+        self._idle_wait: set[int] = set()  # rings to send once their requests complete
 
     def assign(self, workers: list[Worker | None]) -> None:
         """Let ``workers[i]`` serve ring i (None: the main process). Before any front
@@ -155,8 +156,18 @@ class RingPlacement:
             worker = self.workers[i]
             if (worker is not None and not paused and not self._holds[i] and not self._in_worker[i]
                     and q.ready and q.kick_fd is not None):
-                self._send(worker, q)
+                if q.outstanding:
+                    # A ring moves at rest: requests it took here complete here first.
+                    if i not in self._idle_wait:
+                        self._idle_wait.add(i)
+                        q.when_idle(lambda i=i: self._idle_then_settle(i))
+                else:
+                    self._send(worker, q)
             self.update_watch(q)
+
+    def _idle_then_settle(self, index: int) -> None:
+        self._idle_wait.discard(index)
+        self.settle()
 
     def _send(self, worker: Worker, q: SplitVirtqueue) -> None:
         i = q.index
@@ -263,25 +274,34 @@ class RingPlacement:
         worker since the ring went there; None for a ring served here)."""
         out: list[Spec] = []
         asks: dict[int, tuple[Worker, list[int]]] = {}
+        waits: list[Pending[None]] = []
         for q in self.source.queues:
             i = q.index
             worker = self.workers[i]
-            here = ring_stats(q, None)
-            here.update(where=None, live=True, device_here=self.source.device_stats(q),
-                        device_there=None)
-            out.append(here)
-            if worker is not None and self._in_worker[i] and self._returning[i] is None:
+            out.append(self._home_stats(q))
+            returning = self._returning[i]
+            if returning is not None:
+                # Coming home: read it here once it arrived with its worker's counts.
+                p: Pending[None] = Pending()
+                returning.then(lambda _, q=q, p=p: (out.__setitem__(q.index,
+                                                                  self._home_stats(q)),
+                                                  p.resolve(None)))
+                waits.append(p)
+            elif worker is not None and self._in_worker[i]:
                 asks.setdefault(id(worker), (worker, []))[1].append(i)
-        if not asks:
-            return out
-        waits: list[Pending[None]] = []
         for worker, indices in asks.values():
-            p: Pending[None] = Pending()
+            p = Pending()
             waits.append(p)
             worker.stats([self._key(i) for i in indices],
                          _stats_done(self, worker, indices, out, p))
         combined = all_of(waits)
         return out if combined is None else combined.map(lambda _: out)
+
+    def _home_stats(self, q: SplitVirtqueue) -> Spec:
+        here = ring_stats(q, None)
+        here.update(where=None, live=True, device_here=self.source.device_stats(q),
+                    device_there=None)
+        return here
 
 
 def _stats_done(placement: RingPlacement, worker: Worker, indices: list[int],

@@ -1,0 +1,201 @@
+"""File storage: the inline fast path, the thread pool, O_DIRECT with bounce buffers."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from pathlib import Path
+
+import pytest
+from storage_support import Completions, Loop
+
+from vhostd.storage.base import DONE, PENDING
+from vhostd.storage.file import FileStorage
+
+SIZE = 4 << 20
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(SIZE))
+    return path
+
+
+def started(storage: FileStorage, loop: Loop) -> Completions:
+    done = Completions()
+    storage.on_complete = done
+    storage.start(loop)
+    return done
+
+
+def drop_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_page_cache_hit_reads_inline(image: Path, loop: Loop) -> None:
+    s = FileStorage(str(image))
+    try:
+        done = started(s, loop)
+        buf = bytearray(8192)
+        assert s.readv([memoryview(buf)], 4096, "t") == DONE
+        assert buf == image.read_bytes()[4096:4096 + 8192]
+        assert not done.done and s.in_flight() == 0
+    finally:
+        s.close()
+
+
+def test_page_cache_miss_completes_later(image: Path, loop: Loop) -> None:
+    s = FileStorage(str(image))
+    try:
+        done = started(s, loop)
+        drop_cache(image)
+        bufs = [bytearray(4096) for _ in range(4)]
+        results = [s.readv([memoryview(b)], 65536 * (i + 1), i) for i, b in enumerate(bufs)]
+        if not s._nowait_reads:
+            pytest.skip("this file system has no RWF_NOWAIT reads")
+        if all(r == DONE for r in results):
+            pytest.skip("the page cache could not be dropped here")
+        loop.run_until(lambda: len(done.done) == results.count(PENDING))
+        assert all(e == 0 for e in done.done.values())
+        data = image.read_bytes()
+        for i, b in enumerate(bufs):
+            assert b == data[65536 * (i + 1):65536 * (i + 1) + 4096]
+        assert s.in_flight() == 0
+    finally:
+        s.close()
+
+
+def test_writes_flush_discard_and_zeroes(image: Path, loop: Loop) -> None:
+    s = FileStorage(str(image))
+    try:
+        done = started(s, loop)
+        blob = os.urandom(4096 + 512)
+        # Unaligned: the slow path (it may read a page first).
+        assert s.writev([memoryview(blob)], 512, "w") == PENDING
+        assert s.flush("f") == PENDING
+        assert s.write_zeroes(1 << 20, 8192, False, "z") == PENDING
+        loop.run_until(lambda: len(done.done) == 3)
+        assert done.done == {"w": 0, "f": 0, "z": 0}
+        data = image.read_bytes()
+        assert data[512:512 + len(blob)] == blob
+        assert data[1 << 20:(1 << 20) + 8192] == bytes(8192)
+        r = s.discard(2 << 20, 65536, "d")
+        if r == PENDING:
+            loop.run_until(lambda: "d" in done.done)
+            assert done.done["d"] == 0
+    finally:
+        s.close()
+
+
+def test_read_past_the_end_fails(image: Path, loop: Loop) -> None:
+    s = FileStorage(str(image))
+    try:
+        done = started(s, loop)
+        r = s.readv([memoryview(bytearray(4096))], SIZE, "eof")
+        assert r == PENDING  # nothing inline: the slow path finds the end
+        loop.run_until(lambda: "eof" in done.done)
+        assert done.done["eof"] == errno.EIO
+    finally:
+        s.close()
+
+
+def test_read_only_write_fails_inline_or_later(image: Path, loop: Loop) -> None:
+    s = FileStorage(str(image), read_only=True)
+    try:
+        done = started(s, loop)
+        try:
+            r = s.writev([memoryview(bytes(4096))], 0, "w")
+        except OSError as e:
+            assert e.errno == errno.EBADF
+            return
+        assert r == PENDING
+        loop.run_until(lambda: "w" in done.done)
+        assert done.done["w"] == errno.EBADF
+    finally:
+        s.close()
+
+
+def test_without_a_loop_everything_is_inline(image: Path) -> None:
+    s = FileStorage(str(image))
+    try:
+        blob = os.urandom(1000)
+        assert s.writev([memoryview(blob)], 3, None) == DONE
+        assert s.flush(None) == DONE
+        buf = bytearray(1000)
+        assert s.readv([memoryview(buf)], 3, None) == DONE
+        assert buf == blob
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("case", ["aligned", "unaligned-memory", "odd-length-segments",
+                                  "unaligned-offset", "read-only-buffer"])
+def test_direct_transfers(image: Path, loop: Loop, case: str) -> None:
+    try:
+        s = FileStorage(str(image), direct=True)
+    except OSError as e:
+        pytest.skip(f"no O_DIRECT here: {e}")
+    try:
+        done = started(s, loop)
+        ram = mmap.mmap(-1, 1 << 20)  # page-aligned, like guest memory
+        mv = memoryview(ram)
+        blob = os.urandom(8192)
+        offset = 64 * 1024
+        if case == "aligned":
+            out = [mv[0:4096], mv[8192:12288]]
+        elif case == "unaligned-memory":
+            out = [mv[100:100 + 8192]]
+        elif case == "odd-length-segments":
+            out = [mv[0:1000], mv[4096:4096 + 7192]]
+        elif case == "unaligned-offset":
+            out = [mv[0:8192]]
+            offset += 512 if s.align > 512 else 100
+        else:
+            out = [memoryview(blob)]  # bytes: no address to check, so bounced
+        pos = 0
+        for b in out:
+            if not b.readonly:
+                b[:] = blob[pos:pos + len(b)]
+            pos += len(b)
+        assert s.writev(out, offset, "w") == PENDING
+        loop.run_until(lambda: "w" in done.done)
+        assert done.done["w"] == 0
+        assert s.flush("f") == PENDING
+        loop.run_until(lambda: "f" in done.done)
+        assert image.read_bytes()[offset:offset + 8192] == blob
+        back = mmap.mmap(-1, 3 * 4096)
+        view = memoryview(back)
+        ins = [view[1:1 + 5000], view[8192:8192 + 3192]]  # unaligned: bounced
+        assert s.readv(ins, offset, "r") == PENDING
+        loop.run_until(lambda: "r" in done.done)
+        assert done.done["r"] == 0
+        assert bytes(ins[0]) + bytes(ins[1]) == blob
+        for v in (*ins, view, *out, mv):
+            v.release()
+        back.close()
+        ram.close()
+    finally:
+        s.close()
+
+
+def test_worker_spec_shares_the_file(image: Path, loop: Loop) -> None:
+    s = FileStorage(str(image), direct=False)
+    try:
+        spec, fds = s.worker_spec()
+        w = FileStorage.from_spec(spec, [os.dup(fd) for fd in fds])
+        try:
+            assert w.writev([memoryview(b"x" * 4096)], 0, None) == DONE
+            buf = bytearray(4096)
+            assert s.readv([memoryview(buf)], 0, None) == DONE
+            assert buf == b"x" * 4096
+        finally:
+            w.close()
+    finally:
+        s.close()

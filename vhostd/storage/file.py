@@ -1,0 +1,377 @@
+"""File storage: a raw image file or block device, buffered or with O_DIRECT.
+
+The fast path is one vectored call straight between guest memory and the file, made
+inline only where it cannot wait for the disk:
+
+* reads try ``preadv(..., RWF_NOWAIT)``: a page-cache hit returns at inline cost; a miss
+  (EAGAIN) or a partial hit goes to the slow path for the rest;
+* buffered writes use ``pwritev(..., RWF_NOWAIT)`` where the file system supports it.
+  Where it does not (ext4 answers EOPNOTSUPP), a page-aligned write is made inline (it
+  only copies into the page cache) unless the last inline write was throttled (it took
+  longer than :data:`THROTTLED_NS`): writes then go to the slow path for a while; an
+  unaligned write may have to read its first and last page, so it goes there too;
+* flush, discard and write-zeroes always take the slow path;
+* with O_DIRECT (``direct``) every transfer waits for the disk, so all take the slow
+  path; guest buffers whose address or length is not a multiple of the file's direct
+  I/O alignment go through an aligned bounce buffer, and a request whose offset or
+  length is not aligned is made through a second, buffered descriptor (the kernel
+  keeps the two coherent: a direct read writes back dirty cached pages first).
+
+The slow path is a thread pool (storage/threads.py). Before :meth:`FileStorage.start`
+gives it an event loop, everything completes inline, blocking if it must.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import mmap
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..engine.loop import FdWatcher
+from .base import DONE, PENDING, Completion, ignore_completion
+from .threads import ThreadPool
+
+log = logging.getLogger(__name__)
+
+# Linux fallocate(2) modes; the os module exposes only posix_fallocate.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+TMPFS_MAGIC = 0x01021994
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_fstatfs.restype = ctypes.c_int
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+PAGE = mmap.PAGESIZE
+# An inline buffered write that took longer than this met dirty-page throttling (or
+# had to read from the disk): writes go to the slow path for THROTTLE_BACKOFF_NS.
+THROTTLED_NS = 1_000_000
+THROTTLE_BACKOFF_NS = 1_000_000_000
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def fs_type(fd: int) -> int:
+    """The file system's magic number (statfs f_type), or 0 if unknown."""
+    buf = ctypes.create_string_buffer(128)
+    if _fstatfs(fd, buf) != 0:
+        return 0
+    return int.from_bytes(buf.raw[:8], "little")
+
+
+def _address(buf: memoryview) -> int:
+    """The address of a writable buffer's first byte, or -1 (read-only: bounce it)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    except TypeError:
+        return -1
+
+
+def _rest(iov: list[memoryview], skip: int) -> list[memoryview]:
+    """``iov`` without its first ``skip`` bytes (views, no copy)."""
+    out: list[memoryview] = []
+    for b in iov:
+        if skip >= len(b):
+            skip -= len(b)
+            continue
+        out.append(b[skip:] if skip else b)
+        skip = 0
+    return out
+
+
+def transfer(fd: int, iov: list[memoryview], offset: int, write: bool) -> None:
+    """Blocking vectored transfer of all of ``iov``; a read past the end is EIO."""
+    call = os.pwritev if write else os.preadv
+    while iov:
+        part = iov[:IOV_MAX]
+        want = sum(map(len, part))
+        done = 0
+        while done < want:
+            n = call(fd, _rest(part, done) if done else part, offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, "unexpected end of file")
+            done += n
+        offset += want
+        iov = iov[IOV_MAX:]
+
+
+def direct_alignment(fd: int) -> int:
+    """The alignment O_DIRECT wants of buffers, lengths and offsets on ``fd``: 512 if
+    a 512-byte read at a 512-byte buffer offset works, else the page size."""
+    buf = mmap.mmap(-1, 2 * PAGE)
+    try:
+        try:
+            os.preadv(fd, [memoryview(buf)[512:1024]], 0)
+            return 512
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            return PAGE
+    finally:
+        buf.close()
+
+
+class FileStorage:
+    """A raw image file (regular file or block device)."""
+
+    def __init__(self, path: str, read_only: bool = False, fd: int | None = None,
+                 direct: bool = False, buffered_fd: int | None = None) -> None:
+        """Open ``path``, or adopt ``fd`` (already open on it, e.g. passed to a queue
+        worker process, so both processes serve the very same file; with ``direct``
+        also ``buffered_fd``)."""
+        self.path = path
+        self.read_only = read_only
+        self.direct = direct
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        self.fd = os.open(path, flags | (os.O_DIRECT if direct else 0)) if fd is None else fd
+        self.bfd = self.fd  # buffered descriptor: the same one unless direct
+        try:
+            if direct:
+                self.bfd = os.open(path, flags) if buffered_fd is None else buffered_fd
+                self.align = direct_alignment(self.fd)
+            else:
+                self.align = 1
+        except OSError:
+            self.close()
+            raise
+        self.punch_hole = True
+        self.zero_range = True
+        self.on_complete: Completion = ignore_completion
+        self.pool: ThreadPool | None = None
+        self._slow_writes_until = 0
+        self._nowait_reads = bool(_RWF_NOWAIT)
+        self._nowait_writes = False
+        self._inline_reads = False  # memory-backed (tmpfs): nothing to wait for
+        if not direct:
+            self._probe_nowait()
+
+    def _probe_nowait(self) -> None:
+        """Which inline calls this file system supports with RWF_NOWAIT."""
+        if not _RWF_NOWAIT:
+            return
+        try:
+            os.preadv(self.fd, [bytearray(1)], 0, _RWF_NOWAIT)
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            self._nowait_reads = False
+            # tmpfs has no RWF_NOWAIT, but its reads never wait for a disk.
+            self._inline_reads = fs_type(self.fd) == TMPFS_MAGIC
+        # Whether writes take RWF_NOWAIT is learnt from the first one (a write of
+        # nothing succeeds whatever the file system supports).
+        self._nowait_writes = not self.read_only
+
+    def describe(self) -> str:
+        how = "O_DIRECT" if self.direct else (
+            "buffered, RWF_NOWAIT reads" if self._nowait_reads else "buffered")
+        return f"{self.path} ({how})"
+
+    # ---- lifecycle ---------------------------------------------------------------
+    def start(self, watcher: FdWatcher) -> None:
+        if self.pool is None:
+            self.pool = ThreadPool(os.path.basename(self.path) or "file")
+            self.pool.start(watcher, self._report)
+
+    def _report(self, token: Any, error: int) -> None:
+        self.on_complete(token, error)
+
+    def in_flight(self) -> int:
+        return self.pool.pending if self.pool is not None else 0
+
+    def poll(self, timeout: float) -> None:
+        """Block up to ``timeout`` seconds for completions (a ring that must come to
+        rest at once); they are reported as usual."""
+        if self.pool is not None:
+            self.pool.poll(timeout)
+
+    def size(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_END)
+
+    def refresh_size(self, done: Callable[[int], None]) -> None:
+        done(0)  # size() asks the kernel every time
+
+    def worker_spec(self) -> tuple[dict[str, Any], list[int]]:
+        fds = [self.fd, self.bfd] if self.direct else [self.fd]
+        return {"kind": "file", "path": self.path, "read_only": self.read_only,
+                "direct": self.direct}, fds
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], fds: list[int]) -> FileStorage:
+        direct = bool(spec.get("direct"))
+        return cls(str(spec["path"]), bool(spec["read_only"]), fd=fds[0], direct=direct,
+                   buffered_fd=fds[1] if direct else None)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        if self.bfd != self.fd and self.bfd >= 0:
+            os.close(self.bfd)
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = self.bfd = -1
+
+    # ---- data path -----------------------------------------------------------------
+    def _slow(self, job: Callable[[], None], token: Any) -> int:
+        pool = self.pool
+        if pool is None:
+            job()  # no loop yet: block
+            return DONE
+        pool.submit(job, token)
+        return PENDING
+
+    def readv(self, iov: list[memoryview], offset: int, token: Any) -> int:
+        if self.direct:
+            return self._direct(iov, offset, token, False)
+        if self._nowait_reads and len(iov) <= IOV_MAX:
+            try:
+                got = os.preadv(self.fd, iov, offset, _RWF_NOWAIT)
+            except BlockingIOError:
+                got = 0
+            want = sum(map(len, iov))
+            if got == want:
+                return DONE
+            if got:
+                iov = _rest(iov, got)
+                offset += got
+        elif self._inline_reads and len(iov) <= IOV_MAX:
+            got = os.preadv(self.fd, iov, offset)
+            if got != sum(map(len, iov)):
+                transfer(self.fd, _rest(iov, got), offset + got, False)
+            return DONE
+        fd = self.fd
+        return self._slow(lambda: transfer(fd, iov, offset, False), token)
+
+    def writev(self, iov: list[memoryview], offset: int, token: Any) -> int:
+        if self.direct:
+            return self._direct(iov, offset, token, True)
+        fd = self.fd
+        if self._nowait_writes and len(iov) <= IOV_MAX:
+            try:
+                got = os.pwritev(fd, iov, offset, _RWF_NOWAIT)
+            except BlockingIOError:
+                got = 0
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                self._nowait_writes = False
+                return self.writev(iov, offset, token)
+            want = sum(map(len, iov))
+            if got == want:
+                return DONE
+            if got:
+                iov = _rest(iov, got)
+                offset += got
+        elif not (offset | sum(map(len, iov))) & (PAGE - 1) and len(iov) <= IOV_MAX:
+            t0 = time.monotonic_ns()
+            if t0 >= self._slow_writes_until:
+                transfer(fd, iov, offset, True)
+                t1 = time.monotonic_ns()
+                if t1 - t0 > THROTTLED_NS and self.pool is not None:
+                    self._slow_writes_until = t1 + THROTTLE_BACKOFF_NS
+                return DONE
+        return self._slow(lambda: transfer(fd, iov, offset, True), token)
+
+    def _direct(self, iov: list[memoryview], offset: int, token: Any, write: bool) -> int:
+        align = self.align
+        mask = align - 1
+        want = sum(map(len, iov))
+        if (offset | want) & mask:
+            fd = self.bfd  # no whole blocks: the buffered descriptor
+            return self._slow(lambda: transfer(fd, iov, offset, write), token)
+        fd = self.fd
+        for b in iov:
+            if len(b) & mask or _address(b) & mask:
+                return self._slow(lambda: _bounced(fd, iov, offset, want, write), token)
+        return self._slow(lambda: transfer(fd, iov, offset, write), token)
+
+    def flush(self, token: Any) -> int:
+        fd = self.fd
+        return self._slow(lambda: os.fdatasync(fd), token)
+
+    def discard(self, offset: int, length: int, token: Any) -> int:
+        if not self.punch_hole:
+            return DONE  # discard is advisory
+        return self._slow(lambda: self._discard(offset, length), token)
+
+    def _discard(self, offset: int, length: int) -> None:
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self.punch_hole = False
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool, token: Any) -> int:
+        return self._slow(lambda: self._write_zeroes(offset, length, unmap), token)
+
+    def _write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        if unmap and self.punch_hole:
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self.punch_hole = False
+        if self.zero_range:
+            try:
+                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self.zero_range = False
+        chunk = mmap.mmap(-1, min(length, 1 << 20))  # zeroed and page-aligned
+        try:
+            view = memoryview(chunk)
+            while length:
+                n = min(length, len(chunk))
+                transfer(self.bfd, [view[:n]], offset, True)
+                offset += n
+                length -= n
+            view.release()
+        finally:
+            chunk.close()
+
+
+def _bounced(fd: int, iov: list[memoryview], offset: int, want: int, write: bool) -> None:
+    """A direct transfer through one page-aligned buffer (guest buffers that are not
+    aligned as O_DIRECT needs)."""
+    bounce = mmap.mmap(-1, want)
+    view = memoryview(bounce)
+    try:
+        if write:
+            pos = 0
+            for b in iov:
+                view[pos:pos + len(b)] = b
+                pos += len(b)
+            transfer(fd, [view], offset, True)
+        else:
+            transfer(fd, [view], offset, False)
+            pos = 0
+            for b in iov:
+                b[:] = view[pos:pos + len(b)]
+                pos += len(b)
+    finally:
+        view.release()
+        bounce.close()
