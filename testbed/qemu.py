@@ -371,6 +371,7 @@ class StorageDaemon:
         logical_block_size: int | None = None,
         extra_args: Sequence[str] = (),
         binary: str | None = None,
+        aio: str | None = None,
         timeout: float = 10.0,
     ) -> None:
         self.image = Path(image)
@@ -380,6 +381,8 @@ class StorageDaemon:
         self.discard = discard
         self.logical_block_size = logical_block_size
         self.extra_args = list(extra_args)
+        # The file driver's aio= (threads, native, io_uring); None: QEMU's default.
+        self.aio = aio
         # Default: VHOSTD_QEMU's qemu-storage-daemon, or PATH's.
         self.binary = binary or find_program(STORAGE_DAEMON) or STORAGE_DAEMON
         self.timeout = timeout
@@ -399,7 +402,8 @@ class StorageDaemon:
         return [
             self.binary,
             "--blockdev",
-            f"driver=file,node-name=file0,filename={self.image},cache.direct=off{unmap}",
+            f"driver=file,node-name=file0,filename={self.image},cache.direct=off{unmap}"
+            + (f",aio={self.aio}" if self.aio else ""),
             "--blockdev",
             f"driver=raw,node-name=disk0,file=file0{unmap}",
             "--export",
