@@ -16,6 +16,11 @@ QD32, 4k random write QD32, 4k random read QD1 (latency), 128k sequential read, 
 4k random read with 2 jobs on 2 queues. The host samples each daemon's CPU time
 (/proc/PID/stat) around every job and its peak RSS (VmHWM).
 
+With QEMU 10 installed beside 7.2 (scripts/install-qemu10), QEMU 10's
+qemu-storage-daemon with aio=io_uring runs as a second anchor in every repetition
+("qsd10-io_uring", --qsd10 PATH or --no-qsd10); the guest's QEMU is the one
+VHOSTD_QEMU names (unset: PATH's).
+
 Prints medians and vhostd/qsd ratios as a table, and JSON (--json) a script can
 compare. Timing on shared machines is noisy: only ratios from one run mean much.
 """
@@ -249,6 +254,22 @@ def run_qsd(image: GuestImage, disk: Path, work: Path, runtime: int, jobs: list[
         return run
 
 
+QSD10 = "qsd10-io_uring"
+QSD10_DEFAULT = Path("/opt/vhostd-qemu10/bin/qemu-storage-daemon")
+QSD10_BINARY: list[str] = []  # from --qsd10
+
+
+def run_qsd10(image: GuestImage, disk: Path, work: Path, runtime: int, jobs: list[str],
+              backing: str) -> Run:
+    """QEMU 10's qemu-storage-daemon with io_uring: the strongest anchor at QD1."""
+    sock = work / "qsd10.sock"
+    with StorageDaemon(disk, sock, num_queues=2, binary=QSD10_BINARY[0], aio="io_uring") as qsd:
+        assert qsd.proc is not None
+        run = Run(QSD10, backing)
+        run_guest(image, sock, qsd.proc.pid, runtime, jobs, run)
+        return run
+
+
 def prefill(path: Path, size: int = IMAGE_SIZE) -> None:
     chunk = os.urandom(1 << 20)
     with open(path, "wb") as f:
@@ -258,11 +279,12 @@ def prefill(path: Path, size: int = IMAGE_SIZE) -> None:
 
 def summarize(runs: list[Run], jobs: list[str]) -> dict[str, object]:
     out: dict[str, object] = {}
+    daemons = [d for d in ("vhostd", "qsd", QSD10) if any(r.daemon == d for r in runs)]
     for backing in sorted({r.backing for r in runs}):
         table = {}
         for job in jobs:
             row: dict[str, float] = {}
-            for daemon in ("vhostd", "qsd"):
+            for daemon in daemons:
                 rs = [r.jobs[job] for r in runs if r.daemon == daemon and r.backing == backing]
                 row[f"{daemon}_iops"] = statistics.median(x.iops for x in rs)
                 row[f"{daemon}_bw_mib"] = statistics.median(x.bw_mib for x in rs)
@@ -273,9 +295,12 @@ def summarize(runs: list[Run], jobs: list[str]) -> dict[str, object]:
             row["lat_ratio"] = row["vhostd_lat_us"] / row["qsd_lat_us"]
             row["cpu_per_io_ratio"] = (row["vhostd_cpu_us_per_io"] / row["qsd_cpu_us_per_io"]
                                        if row["qsd_cpu_us_per_io"] else 0.0)
+            if QSD10 in daemons:
+                row[f"iops_ratio_{QSD10}"] = row["vhostd_iops"] / row[f"{QSD10}_iops"]
+                row[f"lat_ratio_{QSD10}"] = row["vhostd_lat_us"] / row[f"{QSD10}_lat_us"]
             table[job] = row
         rss = {d: max(r.rss_mib for r in runs if r.daemon == d and r.backing == backing)
-               for d in ("vhostd", "qsd")}
+               for d in daemons}
         out[backing] = {"jobs": table, "peak_rss_mib": rss}
     return out
 
@@ -296,7 +321,16 @@ def print_table(summary: dict[str, object]) -> None:
                   f"{r['cpu_per_io_ratio']:6.2f} {r['vhostd_irq_per_io']:8.2f} "
                   f"{r['qsd_irq_per_io']:8.2f}")
         rss = data["peak_rss_mib"]
-        print(f"peak RSS: vhostd {rss['vhostd']:.1f} MiB, qsd {rss['qsd']:.1f} MiB")
+        if QSD10 in rss:
+            print(f"\nbacking: {backing} (medians; ratio = vhostd / {QSD10})")
+            print(f"{'job':12} {'vhostd IOPS':>12} {'qsd10 IOPS':>11} {'ratio':>6} "
+                  f"{'vhostd lat':>11} {'qsd10 lat':>10} {'ratio':>6} {'qsd10 CPU/IO':>13}")
+            for job, r in data["jobs"].items():
+                print(f"{job:12} {r['vhostd_iops']:12.0f} {r[f'{QSD10}_iops']:11.0f} "
+                      f"{r[f'iops_ratio_{QSD10}']:6.2f} {r['vhostd_lat_us']:9.1f}us "
+                      f"{r[f'{QSD10}_lat_us']:8.1f}us {r[f'lat_ratio_{QSD10}']:6.2f} "
+                      f"{r[f'{QSD10}_cpu_us_per_io']:11.1f}us")
+        print("peak RSS: " + ", ".join(f"{d} {v:.1f} MiB" for d, v in rss.items()))
 
 
 def main() -> int:
@@ -310,8 +344,17 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="write the summary and every run here")
     p.add_argument("--vhostd-args", default="",
                    help="extra vhostd arguments, space-separated (e.g. --queue-workers=0)")
+    p.add_argument("--qsd10", type=Path, default=QSD10_DEFAULT,
+                   help=f"QEMU 10's qemu-storage-daemon for the io_uring anchor, run when it "
+                   f"exists (default {QSD10_DEFAULT}, from scripts/install-qemu10)")
+    p.add_argument("--no-qsd10", action="store_true", help="leave out the QEMU 10 anchor")
     args = p.parse_args()
     VHOSTD_ARGS[:] = args.vhostd_args.split()
+    anchors = [run_qsd]
+    if not args.no_qsd10 and os.access(args.qsd10, os.X_OK):
+        QSD10_BINARY[:] = [str(args.qsd10)]
+        anchors.append(run_qsd10)
+        print(f"anchors: qsd (PATH or VHOSTD_QEMU) and {QSD10} ({args.qsd10})", flush=True)
     jobs = args.jobs.split(",")
     image = build_guest(progress=lambda line: print(line, flush=True))
     runs: list[Run] = []
@@ -325,7 +368,8 @@ def main() -> int:
             # 4 GiB is not copied per run: both daemons use the one image.
             prefill(original, DIRECT_IMAGE_SIZE if big else IMAGE_SIZE)
             for rep in range(args.reps):
-                order = [run_vhostd, run_qsd] if rep % 2 == 0 else [run_qsd, run_vhostd]
+                # Alternating: vhostd first in even repetitions, last in odd ones.
+                order = [run_vhostd, *anchors] if rep % 2 == 0 else [*anchors, run_vhostd]
                 print(f"{backing}, repetition {rep + 1}/{args.reps}", flush=True)
                 for fn in order:
                     disk = original if big else work / "disk.img"

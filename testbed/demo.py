@@ -35,10 +35,10 @@ from vhostd_proto.device_parts import decode_parts
 
 from .guest import build_guest
 from .qemu import GuestVM
+from .qemu_select import SYSTEM, configs_dir, find_program, version
 
 MiB = 1 << 20
 BASE = Path("/tmp/vhostd-demo")  # the paths qemu-configs/demo-member*.cfg name
-CONFIGS = Path(__file__).resolve().parents[1] / "qemu-configs"
 
 
 def say(text: str) -> None:
@@ -78,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the image and logs")
     args = p.parse_args(argv)
 
-    for tool in ("qemu-system-x86_64",):
-        if shutil.which(tool) is None:
-            print(f"vhostd-demo: {tool} is missing (scripts/install-deps installs it)",
-                  file=sys.stderr)
-            return 1
+    qemu = find_program(SYSTEM)
+    if qemu is None:
+        print(f"vhostd-demo: {SYSTEM} is missing (scripts/install-deps installs it)",
+              file=sys.stderr)
+        return 1
+    # The configuration files in the chardev form this QEMU takes (reconnect-ms or,
+    # before 9.2, reconnect).
+    configs = configs_dir(version(qemu))
     shutil.rmtree(BASE, ignore_errors=True)
     BASE.mkdir(parents=True)
     workdir = args.workdir or BASE
@@ -98,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
 
     vhostd = start_vhostd(image, workdir)
     load = [str(args.seconds), "16M", "vda", "wt"]
-    src = GuestVM(guest, readconfig=CONFIGS / "demo-member1.cfg", run="migrate_load",
+    src = GuestVM(guest, readconfig=configs / "demo-member1.cfg", run="migrate_load",
                   args=load, qmp=BASE / "source.qmp")
     uri = f"unix:{BASE}/migrate.sock"
-    dst = GuestVM(guest, readconfig=CONFIGS / "demo-member2.cfg", run="migrate_load",
+    dst = GuestVM(guest, readconfig=configs / "demo-member2.cfg", run="migrate_load",
                   args=load, qmp=BASE / "dest.qmp", extra_args=["-incoming", uri])
     ok = False
     summary = None

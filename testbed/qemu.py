@@ -24,6 +24,15 @@ from types import TracebackType
 from typing import IO, Self
 
 from testbed.guest import GuestImage
+from testbed.qemu_select import (
+    STORAGE_DAEMON,
+    SYSTEM,
+    QemuNotFound,
+    find_program,
+    program,
+    reconnect_option,
+)
+from testbed.qemu_select import version as qemu_version
 
 RESULT_RE = re.compile(r"VHOSTD-RESULT: (PASS|FAIL(?: (-?\d+))?)")
 
@@ -39,7 +48,8 @@ class VhostUserBlkDisk:
     socket: Path | str
     num_queues: int = 1
     queue_size: int = 128
-    # Seconds between QEMU's reconnect attempts if the back end goes away.
+    # Seconds between QEMU's reconnect attempts if the back end goes away (given to
+    # QEMU as reconnect-ms or reconnect, whichever its version takes).
     reconnect: int | None = None
     # Further -device properties, e.g. {"config-wce": "off"}.
     props: Mapping[str, str | int | bool] = field(default_factory=dict)
@@ -93,7 +103,7 @@ class GuestVM:
         qmp: Path | str | None = None,
         smp: int = 2,
         quiet: bool = True,
-        qemu: str = "qemu-system-x86_64",
+        qemu: str | None = None,
         readconfig: Path | str | None = None,
         direct_kernel: bool = True,
     ) -> None:
@@ -115,7 +125,8 @@ class GuestVM:
         self.qmp = Path(qmp) if qmp is not None else None
         self.smp = smp
         self.quiet = quiet
-        self.qemu = qemu
+        # Default: the QEMU VHOSTD_QEMU names, or PATH's (testbed.qemu_select).
+        self.qemu = qemu if qemu is not None else program(SYSTEM)
 
         self.lines: list[str] = []
         self.result: str | None = None
@@ -180,7 +191,7 @@ class GuestVM:
         for i, disk in enumerate(self.disks):
             chardev = f"socket,id=char{i},path={disk.socket}"
             if disk.reconnect is not None:
-                chardev += f",reconnect={disk.reconnect}"
+                chardev += "," + reconnect_option(disk.reconnect, qemu_version(self.qemu))
             device = (
                 f"vhost-user-blk-pci,id=disk{i},chardev=char{i},"
                 f"num-queues={disk.num_queues},queue-size={disk.queue_size}"
@@ -359,7 +370,8 @@ class StorageDaemon:
         discard: bool = False,
         logical_block_size: int | None = None,
         extra_args: Sequence[str] = (),
-        binary: str = "qemu-storage-daemon",
+        binary: str | None = None,
+        aio: str | None = None,
         timeout: float = 10.0,
         file_node: str | None = None,
     ) -> None:
@@ -373,7 +385,10 @@ class StorageDaemon:
         self.discard = discard
         self.logical_block_size = logical_block_size
         self.extra_args = list(extra_args)
-        self.binary = binary
+        # The file driver's aio= (threads, native, io_uring); None: QEMU's default.
+        self.aio = aio
+        # Default: VHOSTD_QEMU's qemu-storage-daemon, or PATH's.
+        self.binary = binary or find_program(STORAGE_DAEMON) or STORAGE_DAEMON
         self.timeout = timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -392,7 +407,8 @@ class StorageDaemon:
             self.binary,
             "--blockdev",
             self.file_node or
-            f"driver=file,node-name=file0,filename={self.image},cache.direct=off{unmap}",
+            (f"driver=file,node-name=file0,filename={self.image},cache.direct=off{unmap}"
+             + (f",aio={self.aio}" if self.aio else "")),
             "--blockdev",
             f"driver=raw,node-name=disk0,file=file0{unmap}",
             "--export",
@@ -408,7 +424,7 @@ class StorageDaemon:
 
     def start(self) -> Self:
         if shutil.which(self.binary) is None:
-            raise FileNotFoundError(f"{self.binary} not found")
+            raise QemuNotFound(f"{self.binary} not found")
         # A stale socket file from an earlier run would look like readiness.
         self.socket.unlink(missing_ok=True)
         # A file rather than a pipe: nobody reads while it runs, and a full

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed import qemu_select
+
 
 class VhostdProcess:
     """A vhostd daemon started for a test; stderr goes to a file for inspection."""
@@ -102,6 +104,20 @@ def vhostd(tmp_path: Path) -> Iterator[Callable[..., VhostdProcess]]:
         rc = p.stop()
         p.assert_healthy()
         assert rc in (0, -signal.SIGKILL), f"vhostd exited with {rc}:\n{p.log}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    folder = qemu_select.qemu_folder()
+    if folder is not None and qemu_select.find_program(qemu_select.SYSTEM) is None:
+        # A QEMU asked for by name must not turn into skipped tests.
+        raise pytest.UsageError(
+            f"{qemu_select.QEMU_ENV}={folder} holds no executable {qemu_select.SYSTEM} "
+            "(scripts/install-qemu10 PREFIX writes one in PREFIX/bin)")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The QEMU the end-to-end and qsd tests run, so a report says which one passed."""
+    return qemu_select.describe()
 
 
 def env_flag(name: str) -> bool:

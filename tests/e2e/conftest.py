@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
 
 from testbed.guest import GuestImage, build_guest
+from testbed.qemu_select import SYSTEM, find_program
 
 
 @pytest.fixture(scope="session")
 def guest_image() -> GuestImage:
     """The test guest, built once per session (and cached across sessions)."""
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    if find_program(SYSTEM) is None:
+        pytest.skip(f"{SYSTEM} is not installed (apt-get install qemu-system-x86)")
     start = time.monotonic()
     image = build_guest(progress=lambda line: print(line, flush=True))
     print(f"guest image ready in {time.monotonic() - start:.1f} s: {image.kernel.parent}")

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from frontend_support import DISK_SIZE, Backend, Qsd
 
+from testbed.qemu_select import STORAGE_DAEMON, find_program
 from vhostd.frontend.blk import BlkFrontend
 
-QSD = shutil.which("qemu-storage-daemon")
+# The reference back end: VHOSTD_QEMU's qemu-storage-daemon, or PATH's.
+QSD = find_program(STORAGE_DAEMON)
 
 # qsd's vhost-user-blk export answers GET_ID with a fixed string; vhostd with --serial,
 # which defaults to the image's file name.
