@@ -24,6 +24,7 @@ from vhostd_proto.virtio import Feature
 from ..core.protocol import BackendProtocol, DeviceInfo, Message, ProtocolError
 from .dirtylog import DirtyLog
 from .dirtytrack import WriteTracker
+from .fdcheck import fd_kind, is_eventfd
 from .inflight import InflightRegion
 from .memory import GuestMemory, GuestMemoryError, close_fds
 from .offload import HostError, RingHost, ring_spec
@@ -477,6 +478,7 @@ class VhostUserBackend:
                 q.fail(str(e))
 
     def _on_set_vring_kick(self, msg: Message) -> None:
+        _require_eventfd(msg)
         q = self.queues[msg.ring]  # type: ignore[index]
         self._set_kick(q, msg.fd)
         self._attach_inflight(q)
@@ -560,9 +562,11 @@ class VhostUserBackend:
         q.process()
 
     def _on_set_vring_call(self, msg: Message) -> None:
+        _require_eventfd(msg)
         self._replace_eventfd(self.queues[msg.ring], "call_fd", msg.fd)  # type: ignore[index]
 
     def _on_set_vring_err(self, msg: Message) -> None:
+        _require_eventfd(msg)
         self._replace_eventfd(self.queues[msg.ring], "err_fd", msg.fd)  # type: ignore[index]
 
     @staticmethod
@@ -797,6 +801,13 @@ class VhostUserBackend:
                     q.last_avail_idx = state.last_avail_idx
                     if q.used is None:
                         q.used_idx = state.used_idx
+
+
+def _require_eventfd(msg: Message) -> None:
+    fd = msg.fd
+    if fd is not None and not is_eventfd(fd):
+        raise ProtocolError(f"{msg.request.name}: the fd is not an eventfd ({fd_kind(fd)})",
+                            msg.fds)
 
 
 def _unset_handler(head: int, readable: list[memoryview], writable: list[memoryview]) -> int:

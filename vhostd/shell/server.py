@@ -24,10 +24,15 @@ from vhostd_proto.vhost_user import Request as R
 from ..core.protocol import BackendProtocol, Message, ProtocolError
 from ..engine.backend import VhostUserBackend
 from ..engine.memory import close_fds
+from .loopguard import guard
 
 log = logging.getLogger(__name__)
 
 _FD_SPACE = socket.CMSG_SPACE(vu.VHOST_USER_MAX_FDS * 4)
+
+
+class FrontEndGone(Exception):
+    """The front end closed (or reset) the connection before its reply was sent."""
 
 
 class StartupError(Exception):
@@ -98,10 +103,27 @@ class Connection:
         self.closed = False
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._readable)
+        guard(self.loop).watch(id(self), self._recheck)
 
-    def _readable(self) -> None:
+    def _recheck(self) -> None:
+        """The loop may have dropped this socket (loopguard): read what is waiting, up
+        to the hang-up of a front end that has gone, and watch the socket again."""
+        if self.closed or not self._readable():
+            return
+        while not self.closed and self._readable():
+            pass
+        if not self.closed:
+            fd = self.sock.fileno()
+            self.loop.remove_reader(fd)
+            self.loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> bool:
         try:
-            self._read_some()
+            return self._read_some()
+        except FrontEndGone as e:
+            self.log.info("front end went away before its reply (%s); closing the connection",
+                          e)
+            self.close()
         except ProtocolError as e:
             close_fds(e.fds)
             self.log.error("front end protocol error: %s; closing the connection", e)
@@ -110,19 +132,20 @@ class Connection:
             self.log.exception("internal error handling a front-end message; closing the "
                                "connection")
             self.close()
+        return False
 
-    def _read_some(self) -> None:
+    def _read_some(self) -> bool:
         # Read only up to the end of the current header or payload, so fds stay
         # paired with the message they were sent with.
         want = self.protocol.bytes_needed()
         try:
             data, ancdata, flags, _ = self.sock.recvmsg(want, _FD_SPACE)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as e:
             self.log.info("front end connection error: %s", e.strerror)
             self.close()
-            return
+            return False
         fds = _take_fds(ancdata)
         if flags & socket.MSG_CTRUNC:
             raise ProtocolError(f"more than {vu.VHOST_USER_MAX_FDS} fds in one message", fds)
@@ -130,12 +153,19 @@ class Connection:
             close_fds(fds)
             self.log.info("front end disconnected")
             self.close()
-            return
-        for msg in self.protocol.receive(data, fds):
+            return False
+        msgs = self.protocol.receive(data, fds)
+        for i, msg in enumerate(msgs):
             if self.closed:
                 close_fds(msg.fds)
                 continue
-            self._dispatch(msg)
+            try:
+                self._dispatch(msg)
+            except Exception:
+                # Messages after the one that failed still own their fds.
+                close_fds([fd for m in msgs[i + 1:] for fd in m.fds])
+                raise
+        return True
 
     def _dispatch(self, msg: Message) -> None:
         if self.log.isEnabledFor(logging.DEBUG):
@@ -157,7 +187,12 @@ class Connection:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         # Replies are small and the front end waits for them; a full socket buffer
         # means the front end is not reading, which is fatal for the connection.
-        sent = self.sock.sendmsg([data], anc)
+        try:
+            sent = self.sock.sendmsg([data], anc)
+        except BlockingIOError:
+            raise ProtocolError("front end does not read its replies") from None
+        except OSError as e:
+            raise FrontEndGone(e.strerror or str(e)) from None
         if sent != len(data):
             raise ProtocolError("front end does not read its replies")
 
@@ -191,6 +226,7 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        guard(self.loop).forget(id(self))
         self.loop.remove_reader(self.sock.fileno())
         close_fds(self.protocol.pending_fds())
         self.backend.disconnect()
@@ -233,6 +269,9 @@ class DeviceServer:
         except OSError as e:
             self.log.error("accept failed: %s", e)
             return
+        if self.connection is not None:
+            # The current one may have gone without the loop noticing (loopguard).
+            self.connection._recheck()
         if self.connection is not None:
             self.log.warning("refusing a second front end while one is connected")
             conn.close()
