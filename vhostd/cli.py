@@ -327,12 +327,20 @@ def main(argv: list[str] | None = None) -> int:
 def _write_pidfile(path: str) -> None:
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "w") as f:
+        # Whatever sits at the temporary name (a leftover, or a symlink someone planted
+        # to make a root daemon overwrite its target) goes; the file is then created
+        # anew, never opened through a link.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
         os.replace(tmp, path)  # appears whole, so readers never see a partial pid
     except OSError as e:
         raise StartupError(f"cannot write pid file {path}: {e.strerror}") from e
-
 
 if __name__ == "__main__":
     sys.exit(main())
