@@ -266,6 +266,7 @@ class BlkDevice:
         writev = backend.writev
         read_only = backend.read_only
         qname = queue.name
+        queue.status_tail = True  # the status byte ends every request's writable part
 
         def handle(head: int, readable: list[memoryview], writable: list[memoryview]) -> int:
             if not writable:

@@ -172,7 +172,7 @@ class PackedVirtqueue(SplitVirtqueue):
             n = handler(buf_id, readable, writable)
             if n >= 0:
                 if written:
-                    self._mark_writes(written)
+                    self._mark_writes(written, n)
                 self._push(buf_id, n, count)
             else:
                 if inflight is not None and not self._warned_out_of_order:
@@ -294,7 +294,7 @@ class PackedVirtqueue(SplitVirtqueue):
         if not self.started or self.broken or self.desc is None:
             return
         if written:
-            self._mark_writes(written)
+            self._mark_writes(written, length)
         self.push_used(head, length)
         self._publish()
 
@@ -403,7 +403,7 @@ class PackedVirtqueue(SplitVirtqueue):
                                     f"{len(saved) // 16} descriptors")
                 n = self.handler(buf_id, readable, writable)
                 if n >= 0:
-                    self._mark_writes(written)
+                    self._mark_writes(written, n)
                     self._push(buf_id, n, count)
                 else:
                     self._chain_len[buf_id] = count
