@@ -20,6 +20,8 @@ from .devices.blk import BlkDevice, BlkOptions
 from .devices.owner import OwnerDevice
 from .engine.backend import VhostUserBackend
 from .engine.inflight import CHECK_ENV
+from .engine.memory import MAX_MAPPED_ENV
+from .engine.seals import ALLOW_UNSEALED_ENV
 from .engine.virtqueue import KICK_WAIT_DEFAULT_US, KICK_WAIT_ENV
 from .shell.daemon import Daemon, Endpoint
 from .shell.server import StartupError, adopt_listening_fd, bind_unix
@@ -160,10 +162,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "last batch before it kicks, and the device looks at the ring "
                         "after this many microseconds anyway (default "
                         f"{KICK_WAIT_DEFAULT_US}; 0: a kick for every request)")
+    p.add_argument("--max-mapped-memory", type=_size, default=None, metavar="SIZE",
+                   help="address space one front end may have vhostd map (guest RAM, dirty "
+                        "log, inflight region), e.g. 512G or 4T (default 1T); more is refused")
+    p.add_argument("--allow-unsealed-memory", action="store_true",
+                   help="map guest memory fds not sealed against shrinking (e.g. QEMU "
+                        "memory-backend-file); a front end that shrinks one then crashes "
+                        "vhostd with every device it serves")
     p.add_argument("--check-rings", action="store_true",
                    help="debugging: check every split-ring take and completion against "
                         "the inflight flags and the rings, and log impossible ones (slower)")
     return p
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in units else ""
+    try:
+        value = int(t[:len(t) - len(unit)]) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512G, 1T)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the size must be positive")
+    return value
 
 
 def _setup_logging(level: str) -> None:
@@ -299,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[CHECK_ENV] = "1"  # queue workers inherit it
     if args.kick_batch_wait is not None:
         os.environ[KICK_WAIT_ENV] = str(args.kick_batch_wait)
+    # Through the environment, so queue worker processes apply the same policy.
+    if args.max_mapped_memory is not None:
+        os.environ[MAX_MAPPED_ENV] = str(args.max_mapped_memory)
+    if args.allow_unsealed_memory:
+        os.environ[ALLOW_UNSEALED_ENV] = "1"
     try:
         loop = _new_loop(args.event_loop)
         endpoints = _make_endpoints(args, loop)

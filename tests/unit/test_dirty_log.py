@@ -13,6 +13,7 @@ from unit_support import F_INDIRECT, F_NEXT, F_WRITE, GuestRam, Recorder, Ring
 
 from vhostd.engine.dirtylog import DirtyLog, set_bit_run
 from vhostd.engine.inflight import InflightRegion
+from vhostd.engine.seals import sealed_memfd
 from vhostd.engine.virtqueue import PENDING, SplitVirtqueue
 from vhostd_proto.inflight import inflight_queue_stride
 from vhostd_proto.vhost_user import VHOST_VRING_F_LOG
@@ -41,9 +42,8 @@ class Log:
 
     def __init__(self, size: int = LOG_BYTES, offset: int = 0, file_size: int = 0) -> None:
         self.size, self.offset = size, offset
-        self.fd = os.memfd_create("vhostd-test-log", os.MFD_CLOEXEC)
         self.file_size = max(file_size, offset + size)
-        os.ftruncate(self.fd, self.file_size)
+        self.fd = sealed_memfd("vhostd-test-log", self.file_size)
         self.log = DirtyLog(self.fd, size, offset)
 
     @property
@@ -160,9 +160,8 @@ def test_mmap_offset(make_log: Callable[..., Log]) -> None:
 
 
 def test_zero_sized_log_is_refused() -> None:
-    fd = os.memfd_create("vhostd-test-log", os.MFD_CLOEXEC)
+    fd = sealed_memfd("vhostd-test-log", PAGE)
     try:
-        os.ftruncate(fd, PAGE)
         with pytest.raises(ValueError):
             DirtyLog(fd, 0, 0)
     finally:

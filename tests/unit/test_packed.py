@@ -33,6 +33,7 @@ from unit_support import (
 from vhostd.engine.dirtylog import DirtyLog
 from vhostd.engine.dirtytrack import WriteTracker
 from vhostd.engine.packed import PackedVirtqueue, set_layout
+from vhostd.engine.seals import sealed_memfd
 from vhostd.engine.virtqueue import PENDING, SplitVirtqueue
 from vhostd_proto.vhost_user import VHOST_VRING_F_LOG
 
@@ -615,8 +616,7 @@ class Log:
     """A memfd dirty log as QEMU creates it, read back with pread."""
 
     def __init__(self) -> None:
-        self.fd = os.memfd_create("vhostd-test-log", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, LOG_BYTES)
+        self.fd = sealed_memfd("vhostd-test-log", LOG_BYTES)
         self.log = DirtyLog(self.fd, LOG_BYTES, 0)
 
     def harvest(self) -> set[int]:

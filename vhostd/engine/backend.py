@@ -380,8 +380,8 @@ class VhostUserBackend:
         b = msg.body
         fd = msg.fds[0]
         try:
-            new = DirtyLog(fd, b.mmap_size, b.mmap_offset)
-        except (OSError, ValueError, OverflowError) as e:
+            new = DirtyLog(fd, b.mmap_size, b.mmap_offset, self.memory.budget)
+        except (OSError, ValueError, OverflowError, GuestMemoryError) as e:
             raise RequestFailed(f"cannot map the dirty log: {e}") from e
         finally:
             os.close(fd)
@@ -652,8 +652,9 @@ class VhostUserBackend:
                 # SET_FEATURES came first: the acked features choose the layout.
                 self.inflight = InflightRegion(
                     fd, b.mmap_size, b.mmap_offset, b.num_queues, b.queue_size,
-                    packed=bool(self.features & 1 << Feature.VIRTIO_F_RING_PACKED))
-            except (ValueError, OSError, OverflowError) as e:
+                    packed=bool(self.features & 1 << Feature.VIRTIO_F_RING_PACKED),
+                    budget=self.memory.budget)
+            except (ValueError, OSError, OverflowError, GuestMemoryError) as e:
                 raise RequestFailed(f"inflight region: {e}") from e
         finally:
             os.close(fd)

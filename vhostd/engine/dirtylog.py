@@ -13,6 +13,12 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+from typing import TYPE_CHECKING
+
+from .seals import check_mappable
+
+if TYPE_CHECKING:
+    from .memory import MappingBudget
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +70,22 @@ def written_ranges(ranges: list[tuple[int, int]], used: int,
 
 
 class DirtyLog:
-    def __init__(self, fd: int, mmap_size: int, mmap_offset: int) -> None:
+    def __init__(self, fd: int, mmap_size: int, mmap_offset: int,
+                 budget: MappingBudget | None = None) -> None:
         if mmap_size == 0:
             raise ValueError("dirty log of size 0")
-        self.mm = mmap.mmap(fd, mmap_offset + mmap_size, mmap.MAP_SHARED,
-                            mmap.PROT_READ | mmap.PROT_WRITE)
+        length = mmap_offset + mmap_size
+        check_mappable(fd, length, "dirty log")
+        if budget is not None:
+            budget.charge(length, "dirty log")
+        try:
+            self.mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            if budget is not None:
+                budget.refund(length)
+            raise
+        self._budget = budget
+        self._length = length
         self.bitmap = memoryview(self.mm)[mmap_offset:mmap_offset + mmap_size]
         self.fd = os.dup(fd)  # for a queue worker process to map the same log
         self.offset = mmap_offset
@@ -99,6 +116,9 @@ class DirtyLog:
         set_bit_run(bitmap, first, last)
 
     def close(self) -> None:
+        if self._budget is not None:
+            self._budget.refund(self._length)
+            self._budget = None
         os.close(self.fd)
         self.bitmap.release()
         try:
