@@ -310,6 +310,12 @@ class AdminCommands:
         self._object(obj_id, member, va.VIRTIO_RESOURCE_OBJ_DEV_PARTS_TYPE_GET)
         mtype = data.ljust(16, b"\0")[8]
         parts = self._member(member).parts()
+        if mtype in (va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_SIZE,
+                     va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_COUNT) and capacity < 8:
+            # Spec: ENOMEM when the result buffer cannot hold the response, for every
+            # metadata type (a cut size would read as a different size).
+            raise AdminError(S.VIRTIO_ADMIN_STATUS_ENOMEM, Q.VIRTIO_ADMIN_STATUS_Q_NORESOURCE,
+                             f"metadata needs 8 bytes, buffer has {capacity}")
         if mtype == va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_SIZE:
             return struct.pack("<I4x", len(encode_parts(parts)))
         if mtype == va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_COUNT:
@@ -456,8 +462,9 @@ class OwnerDevice:
     def _admin_handler(self, head: int, readable: list[memoryview],
                        writable: list[memoryview]) -> int:
         room = sum(map(len, writable))
-        if room < va.ADMIN_STATUS_SIZE:
-            log.warning("admin command at head %d has no room for its status; dropped", head)
+        if room == 0:
+            # Nothing could report the outcome: run nothing.
+            log.info("admin command at head %d has no device-writable part; dropped", head)
             return 0
         size = sum(map(len, readable))
         if size > ADMIN_COMMAND_MAX:
@@ -466,8 +473,10 @@ class OwnerDevice:
             status, qualifier, result = (S.VIRTIO_ADMIN_STATUS_EINVAL,
                                          Q.VIRTIO_ADMIN_STATUS_Q_INVALID_COMMAND, b"")
         else:
+            # A writable part shorter than the status still gets what fits of it (the
+            # spec: a short buffer never fails a command by itself).
             status, qualifier, result = self.commands.execute(
-                b"".join(readable), room - va.ADMIN_STATUS_SIZE)
+                b"".join(readable), max(0, room - va.ADMIN_STATUS_SIZE))
         out = struct.pack("<HH4x", status, qualifier) + result
         out = out[:room]  # results are cut to the buffer (parts lists refuse earlier)
         off = 0
