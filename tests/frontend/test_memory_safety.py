@@ -2,7 +2,7 @@
 
 A mapped fd that shrinks faults (SIGBUS) on the next access, which kills a Python
 process with every device it serves. vhostd maps only fds sealed against shrinking
-(docs/fuzzing.md, "Guest memory fds"), unless --allow-unsealed-memory; and each front
+(docs/hardening.md), unless --allow-unsealed-memory; and each front
 end may have it map at most --max-mapped-memory bytes (default 1 TiB).
 """
 
