@@ -29,7 +29,7 @@ _common = {
                               HealthCheck.filter_too_much,
                               HealthCheck.function_scoped_fixture],
 }
-settings.register_profile("ci", max_examples=60, derandomize=True, **_common)
+settings.register_profile("ci", max_examples=150, derandomize=True, **_common)
 settings.register_profile("long", max_examples=EXAMPLES, derandomize=False,
                           print_blob=True, **_common)
 settings.load_profile("long" if LONG else "ci")
