@@ -10,6 +10,7 @@ a regression test.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -56,6 +57,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not INPUTS:
         return
     took = time.monotonic() - _started
+    report = os.environ.get("VHOSTD_FUZZ_REPORT")
+    if report:  # scripts/fuzz --long adds up the rounds
+        with open(report, "a") as f:
+            f.write(json.dumps({"seconds": took, "inputs": dict(INPUTS)}) + "\n")
     tr = terminalreporter
     tr.section(f"fuzzing ({'long' if LONG else 'short, seeded'})")
     for target, (examples, inputs) in sorted(INPUTS.items()):
