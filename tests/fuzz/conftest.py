@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 from fuzz_support import CATCHER, INPUTS
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 LONG = os.environ.get("VHOSTD_FUZZ", "") == "long"
 EXAMPLES = int(os.environ.get("VHOSTD_FUZZ_EXAMPLES", "20000"))
@@ -31,8 +31,12 @@ _common = {
                               HealthCheck.function_scoped_fixture],
 }
 settings.register_profile("ci", max_examples=150, derandomize=True, **_common)
+# VHOSTD_FUZZ_SHRINK=0: report a failing example as found, without shrinking it
+# (shrinking can take minutes; for campaigns that should keep going).
+_phases = ((Phase.explicit, Phase.reuse, Phase.generate)
+           if os.environ.get("VHOSTD_FUZZ_SHRINK", "1") == "0" else tuple(Phase))
 settings.register_profile("long", max_examples=EXAMPLES, derandomize=False,
-                          print_blob=True, **_common)
+                          print_blob=True, phases=_phases, **_common)
 settings.load_profile("long" if LONG else "ci")
 
 _started = time.monotonic()

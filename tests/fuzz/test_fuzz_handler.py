@@ -247,4 +247,5 @@ def test_message_handler_survives_any_front_end(served, steps: list[tuple], ram_
             backend.disconnect()
         ram.close()
     CATCHER.check()
-    assert open_fds() == before, "fds leaked"
+    after = open_fds()
+    assert after == before, f"fds leaked: {set(after.items()) - set(before.items())}"
