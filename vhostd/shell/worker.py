@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..engine.memory import close_fds
 from ..engine.offload import HostError, RingWork, Spec
-from .loopguard import guard
 
 if TYPE_CHECKING:
     import asyncio
@@ -145,7 +144,6 @@ class WorkerProcess:
             if data:
                 return
             loop.remove_reader(self.sock.fileno())
-            guard(loop).forget(id(self))
             self._loop = None
             if not self.dead:
                 self.dead = True
@@ -154,8 +152,6 @@ class WorkerProcess:
             on_exit(self)
 
         loop.add_reader(self.sock.fileno(), readable)
-        # uvloop may stop watching the socket of a worker that died (loopguard).
-        guard(loop).watch(id(self), readable)
 
     def run(self, key: str, spec: Spec, fds: list[int]) -> None:
         self._call({"op": "run", "key": key, "spec": spec}, fds)
