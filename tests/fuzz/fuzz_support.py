@@ -29,11 +29,14 @@ def count(target: str, inputs: int = 1) -> None:
     entry[1] += inputs
 
 
-def open_fds() -> dict[int, str]:
-    """The process's open fds and what they are, after a garbage collection: a
-    mapping pinned only by a reference cycle (an exception's traceback holding a
-    frame that held a view of guest memory) keeps its fd until the collector runs."""
-    gc.collect()
+def open_fds(collect: bool = False) -> dict[int, str]:
+    """The process's open fds and what they are; with ``collect``, after a garbage
+    collection (a mapping pinned only by a reference cycle, such as an exception's
+    traceback holding a frame that held a view of guest memory, keeps its fd until
+    the collector runs; a full collection per example would cost more than the
+    example)."""
+    if collect:
+        gc.collect()
     out = {}
     for name in os.listdir("/proc/self/fd"):
         try:

@@ -248,4 +248,6 @@ def test_message_handler_survives_any_front_end(served, steps: list[tuple], ram_
         ram.close()
     CATCHER.check()
     after = open_fds()
+    if after != before:
+        after = open_fds(collect=True)
     assert after == before, f"fds leaked: {set(after.items()) - set(before.items())}"
