@@ -98,8 +98,8 @@ def test_front_end_that_stops_reading_replies(daemon) -> None:
     try:
         while sent < 4 << 20:
             sent += s.send(header(R.GET_FEATURES, 0) * 64)
-    except BlockingIOError:
-        pass
+    except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+        pass  # our buffer is full, or the daemon already gave up on us
     time.sleep(0.3)
     s.close()
     deadline = time.monotonic() + 5
