@@ -159,3 +159,18 @@ def test_asyncio_loop_option(tmp_path: Path, sparse_image, vhostd) -> None:
 def test_read_only_offers_ro_bit(tmp_path: Path, sparse_image, vhostd) -> None:
     vhostd(f"--blk-file={sparse_image()}", "--read-only", socket_path=tmp_path / "s.sock")
     assert get_features(tmp_path / "s.sock") & (1 << 5)
+
+
+def test_pidfile_never_writes_through_a_planted_symlink(tmp_path: Path, sparse_image,
+                                                         vhostd) -> None:
+    """A symlink at ``<pidfile>.tmp`` must not make vhostd overwrite its target."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    pidfile = tmp_path / "vhostd0.pid"  # the name the vhostd fixture passes
+    (tmp_path / "vhostd0.pid.tmp").symlink_to(victim)
+    d = vhostd(f"--blk-file={sparse_image()}")
+    assert d.pidfile == pidfile
+    assert victim.read_text() == "precious\n"
+    assert pidfile.read_text() == f"{d.proc.pid}\n"
+    assert not pidfile.is_symlink()
+    assert not (tmp_path / "vhostd0.pid.tmp").exists()

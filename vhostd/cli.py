@@ -21,6 +21,8 @@ from .core import events
 from .devices.blk import BlkDevice, BlkOptions
 from .devices.owner import OwnerDevice
 from .engine.inflight import CHECK_ENV
+from .engine.memory import MAX_MAPPED_ENV
+from .engine.seals import ALLOW_UNSEALED_ENV
 from .engine.virtqueue import KICK_WAIT_DEFAULT_US, KICK_WAIT_ENV
 from .shell.control import ControlServer
 from .shell.daemon import Daemon, Endpoint
@@ -248,10 +250,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "last batch before it kicks, and the device looks at the ring "
                         "after this many microseconds anyway (default "
                         f"{KICK_WAIT_DEFAULT_US}; 0: a kick for every request)")
+    p.add_argument("--max-mapped-memory", type=_size, default=None, metavar="SIZE",
+                   help="address space one front end may have vhostd map (guest RAM, dirty "
+                        "log, inflight region), e.g. 512G or 4T (default 1T); more is refused")
+    p.add_argument("--allow-unsealed-memory", action="store_true",
+                   help="map guest memory fds not sealed against shrinking (e.g. QEMU "
+                        "memory-backend-file); a front end that shrinks one then crashes "
+                        "vhostd with every device it serves")
     p.add_argument("--check-rings", action="store_true",
                    help="debugging: check every split-ring take and completion against "
                         "the inflight flags and the rings, and log impossible ones (slower)")
     return p
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in units else ""
+    try:
+        value = int(t[:len(t) - len(unit)]) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512G, 1T)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the size must be positive")
+    return value
 
 
 def _setup_logging(level: str) -> None:
@@ -462,6 +484,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[CHECK_ENV] = "1"  # queue workers inherit it
     if args.kick_batch_wait is not None:
         os.environ[KICK_WAIT_ENV] = str(args.kick_batch_wait)
+    # Through the environment, so queue worker processes apply the same policy.
+    if args.max_mapped_memory is not None:
+        os.environ[MAX_MAPPED_ENV] = str(args.max_mapped_memory)
+    if args.allow_unsealed_memory:
+        os.environ[ALLOW_UNSEALED_ENV] = "1"
     try:
         loop = _new_loop(args.event_loop)
         control_sock, metrics_sock = _operations_sockets(args)
@@ -599,12 +626,20 @@ def _close_operations_sockets(args: argparse.Namespace, control: socket.socket |
 def _write_pidfile(path: str) -> None:
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "w") as f:
+        # Whatever sits at the temporary name (a leftover, or a symlink someone planted
+        # to make a root daemon overwrite its target) goes; the file is then created
+        # anew, never opened through a link.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
         os.replace(tmp, path)  # appears whole, so readers never see a partial pid
     except OSError as e:
         raise StartupError(f"cannot write pid file {path}: {e.strerror}") from e
-
 
 if __name__ == "__main__":
     sys.exit(main())

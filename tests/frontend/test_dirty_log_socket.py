@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from frontend_support import MiB
 
+from vhostd.engine.seals import sealed_memfd
 from vhostd.frontend.blk import BlkFrontend
 from vhostd.frontend.memory import PAGE_SIZE
 from vhostd_proto.vhost_user import (
@@ -38,8 +39,7 @@ class MigrationLog:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.fd = os.memfd_create("vhostd-test-dirty-log", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
+        self.fd = sealed_memfd("vhostd-test-dirty-log", size)
         self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     @property

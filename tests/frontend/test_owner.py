@@ -778,9 +778,16 @@ def test_malformed_admin_commands_do_not_disturb_members(rig: Rig) -> None:
         d = AdminDriver(rig.owner)
         d.activate()
         cmd, res = d.cmd_gpa, d.res_gpa
-        # no room for the status: dropped with used length 0
+        # room for part of the status only: the command runs and what fits is written
+        d.mem.fill(res, 8, 0xEE)
+        d.mem.write(cmd, struct.pack("<HH12xQ", CAP_ID_LIST_QUERY, SELF, 0))
+        assert _raw(d, [(cmd, 24)], [(res, 4)]) == 4
+        assert d.mem.read(res, 8) == bytes(4) + b"\xee" * 4  # OK, OK; nothing past the room
+        d.mem.write(cmd, struct.pack("<HH12xQ", 0x7777, SRIOV, 0))  # no such opcode
+        assert _raw(d, [(cmd, 24)], [(res, 2)]) == 2
+        assert d.mem.read(res, 2) == (22).to_bytes(2, "little")  # EINVAL
+        # no writable part at all: nothing could report the outcome, so nothing runs
         d.mem.write(cmd, struct.pack("<HH12xQ", MODE_SET, SRIOV, 1) + b"\x01")
-        assert _raw(d, [(cmd, 25)], [(res, 4)]) == 0
         assert _raw(d, [(cmd, 25)], []) == 0
         w.busy(1)  # and member 1 was not stopped
         # status and result cut into 1-byte pieces still land right

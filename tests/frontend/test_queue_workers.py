@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from frontend_support import SECTOR, MiB, collect, rand
 
+from vhostd.engine.seals import sealed_memfd
 from vhostd.frontend.admin import AdminDriver
 from vhostd.frontend.blk import BlkFrontend
 from vhostd.frontend.memory import PAGE_SIZE
@@ -473,8 +474,7 @@ def test_dirty_log_marks_from_a_ring_in_the_worker(
     fe = frontends(p.socket_path, max_io=3 * PAGE_SIZE)
     pages = max(r.end for r in fe.mem.regions) // PAGE_SIZE
     size = (pages + 63) // 64 * 8
-    fd = os.memfd_create("vhostd-test-dirty-log", os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
+    fd = sealed_memfd("vhostd-test-dirty-log", size)
     mm = mmap.mmap(fd, size)
     try:
         def logged() -> set[int]:

@@ -851,6 +851,13 @@ def test_result_buffer_too_small_is_enomem(active: Admin) -> None:
     active.err((ENOMEM, Q_NORESOURCE), METADATA_GET, SRIOV, 3, metadata_data(0, M_LIST),
                capacity=8)
     assert active.ok(METADATA_GET, SRIOV, 3, metadata_data(0, M_LIST), capacity=len(lst)) == lst
+    # SIZE and COUNT too (virtio 1.4, DEV_PARTS_METADATA_GET: ENOMEM when the result
+    # buffer cannot hold the response, for every type), never a cut result with OK
+    for mtype in (M_SIZE, M_COUNT):
+        for capacity in (0, 4, 7):
+            active.err((ENOMEM, Q_NORESOURCE), METADATA_GET, SRIOV, 3,
+                       metadata_data(0, mtype), capacity=capacity)
+        assert len(active.ok(METADATA_GET, SRIOV, 3, metadata_data(0, mtype), capacity=8)) == 8
     # the object is still usable: ENOMEM had no side effect
     active.ok(DESTROY, SRIOV, 3, obj_hdr(0))
 

@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from unit_support import F_INDIRECT, F_NEXT, F_WRITE, GuestRam, Recorder, Ring
 
-from vhostd.engine.dirtylog import DirtyLog
+from vhostd.engine.dirtylog import DirtyLog, set_bit_run
 from vhostd.engine.inflight import InflightRegion
+from vhostd.engine.seals import sealed_memfd
 from vhostd.engine.virtqueue import PENDING, SplitVirtqueue
 from vhostd_proto.inflight import inflight_queue_stride
 from vhostd_proto.vhost_user import VHOST_VRING_F_LOG
@@ -41,9 +42,8 @@ class Log:
 
     def __init__(self, size: int = LOG_BYTES, offset: int = 0, file_size: int = 0) -> None:
         self.size, self.offset = size, offset
-        self.fd = os.memfd_create("vhostd-test-log", os.MFD_CLOEXEC)
         self.file_size = max(file_size, offset + size)
-        os.ftruncate(self.fd, self.file_size)
+        self.fd = sealed_memfd("vhostd-test-log", self.file_size)
         self.log = DirtyLog(self.fd, size, offset)
 
     @property
@@ -160,9 +160,8 @@ def test_mmap_offset(make_log: Callable[..., Log]) -> None:
 
 
 def test_zero_sized_log_is_refused() -> None:
-    fd = os.memfd_create("vhostd-test-log", os.MFD_CLOEXEC)
+    fd = sealed_memfd("vhostd-test-log", PAGE)
     try:
-        os.ftruncate(fd, PAGE)
         with pytest.raises(ValueError):
             DirtyLog(fd, 0, 0)
     finally:
@@ -227,11 +226,12 @@ def mixed_chain(ring: Ring) -> set[int]:
 def test_completed_request_marks_exactly_its_writable_pages(
         ring: Ring, dlog: Log, build: Callable[[Ring], set[int]]) -> None:
     expect = build(ring)
-    rec = Recorder(result=1, fill=b"\x01")
+    # A used length past the writable bytes: the device wrote all of them.
+    rec = Recorder(result=1 << 20, fill=b"\x01")
     q = logged_queue(ring, rec, dlog)
     ring.publish(0)
     q.process()
-    assert ring.used_elems() == [(0, 1)]
+    assert ring.used_elems() == [(0, 1 << 20)]
     # Readable buffers (page 3), the ring (page 0) and indirect tables (page 2) were only
     # read; without VHOST_VRING_F_LOG the used ring is not logged either.
     assert dlog.pages == expect
@@ -431,3 +431,48 @@ def test_resubmitted_pending_request_is_logged_at_completion(ring: Ring, dlog: L
     assert ring.used_elems() == [(2, 1)]
     assert dlog.pages == {6}
     region.close()
+
+
+# ---- only what the used length says was written, as bit runs ----------------------
+
+def test_refused_request_marks_only_its_status_byte(ring: Ring, dlog: Log) -> None:
+    """A request the device refuses before any data moves (used length 1: the status
+    byte at the end of a virtio-blk request) marks the status byte's page only."""
+    ring.chain(0, [(0x3000, 16, 0), (0x5000, 0x3000, F_WRITE), (0xA000, 0x1000, F_WRITE),
+                   (0xC7FF, 1, F_WRITE)])
+    q = logged_queue(ring, Recorder(result=1), dlog)
+    q.status_tail = True
+    ring.publish(0)
+    q.process()
+    assert dlog.pages == {0xC}
+
+
+def test_short_read_marks_the_data_written_and_the_status_byte(ring: Ring, dlog: Log) -> None:
+    ring.chain(0, [(0x3000, 16, 0), (0x5000, 0x3000, F_WRITE), (0xC7FF, 1, F_WRITE)])
+    q = logged_queue(ring, Recorder(result=0x1001 + 1), dlog)  # 0x1001 data bytes + status
+    q.status_tail = True
+    ring.publish(0)
+    q.process()
+    assert dlog.pages == {5, 6, 0xC}
+
+
+def test_used_length_marks_the_first_bytes_of_the_writable_part(ring: Ring, dlog: Log) -> None:
+    """Without a status tail (the admin queue) the used length counts from the start."""
+    ring.chain(0, [(0x3000, 16, 0), (0x5000, 0x10, F_WRITE), (0x8000, 0x3000, F_WRITE)])
+    q = logged_queue(ring, Recorder(result=0x10 + 0x1001), dlog)
+    ring.publish(0)
+    q.process()
+    assert dlog.pages == {5, 8, 9}
+
+
+def test_a_huge_run_is_marked_whole_bytes_at_a_time() -> None:
+    """A run of 2**20 pages (4 GiB) sets exactly its bits; a per-page loop would take
+    seconds, slice assignment a fraction of a millisecond."""
+    bitmap = bytearray(1 << 18)
+    set_bit_run(bitmap, 3, (1 << 20) + 2)
+    assert bitmap[0] == 0xF8 and bitmap[(1 << 17)] == 0x07
+    assert bitmap[1:1 << 17] == b"\xff" * ((1 << 17) - 1)
+    assert not any(bitmap[(1 << 17) + 1:])
+    one = bytearray(2)
+    set_bit_run(one, 9, 9)
+    assert one == b"\x00\x02"

@@ -33,6 +33,7 @@ from unit_support import (
 from vhostd.engine.dirtylog import DirtyLog
 from vhostd.engine.dirtytrack import WriteTracker
 from vhostd.engine.packed import PackedVirtqueue, set_layout
+from vhostd.engine.seals import sealed_memfd
 from vhostd.engine.virtqueue import PENDING, SplitVirtqueue
 from vhostd_proto.vhost_user import VHOST_VRING_F_LOG
 
@@ -650,8 +651,7 @@ class Log:
     """A memfd dirty log as QEMU creates it, read back with pread."""
 
     def __init__(self) -> None:
-        self.fd = os.memfd_create("vhostd-test-log", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, LOG_BYTES)
+        self.fd = sealed_memfd("vhostd-test-log", LOG_BYTES)
         self.log = DirtyLog(self.fd, LOG_BYTES, 0)
 
     def harvest(self) -> set[int]:
@@ -698,7 +698,8 @@ def serve_logged_requests(ring: PackedRing, q: PackedVirtqueue) -> Iterator[set[
 @pytest.mark.parametrize("flags", [LOG, 0], ids=["log-flag", "no-log-flag"])
 def test_dirty_log_marks_data_and_used_descriptors(lring: PackedRing, dlog: Log,
                                                    flags: int) -> None:
-    q = lring.queue(Recorder(result=1, fill=b"x"), addr_flags=flags, log_addr=LOG_ADDR)
+    # A used length past the writable bytes: the device wrote all of them.
+    q = lring.queue(Recorder(result=1 << 20, fill=b"x"), addr_flags=flags, log_addr=LOG_ADDR)
     q.dirty_log = dlog.log
     for expect in serve_logged_requests(lring, q):
         got = dlog.harvest()
@@ -714,7 +715,7 @@ def test_no_dirty_log_attached_marks_nothing(lring: PackedRing, dlog: Log) -> No
 
 
 def test_tracker_marks_data_and_used_descriptors(lring: PackedRing) -> None:
-    q = lring.queue(Recorder(result=1), addr_flags=0, log_addr=LOG_ADDR)
+    q = lring.queue(Recorder(result=1 << 20), addr_flags=0, log_addr=LOG_ADDR)
     tracker = WriteTracker(PAGE, [(0, END_OF_RAM)])
     q.tracker = tracker
     for expect in serve_logged_requests(lring, q):

@@ -17,6 +17,7 @@ from typing import Any
 from vhostd.core.protocol import BackendProtocol, DeviceInfo, Message
 from vhostd.engine.memory import GuestMemory
 from vhostd.engine.packed import PackedVirtqueue, set_layout
+from vhostd.engine.seals import sealed_memfd
 from vhostd.engine.virtqueue import SplitVirtqueue
 from vhostd.vhost_user.handler import ENGINE_FEATURES, PROTOCOL_FEATURES, VhostUserHandler
 from vhostd_proto.vhost_user import Request as R
@@ -167,8 +168,7 @@ class GuestRam:
         self.regions: list[RamRegion] = []
 
     def add(self, gpa: int, size: int, qva: int, mmap_offset: int = 0) -> RamRegion:
-        fd = os.memfd_create("vhostd-test-ram", os.MFD_CLOEXEC)
-        os.ftruncate(fd, mmap_offset + size)
+        fd = sealed_memfd("vhostd-test-ram", mmap_offset + size)
         mm = mmap.mmap(fd, mmap_offset + size)
         self.memory.add(fd, gpa, size, qva, mmap_offset)
         region = RamRegion(fd, gpa, size, qva, mmap_offset, mm)

@@ -331,6 +331,7 @@ class BlkDevice:
         writev = storage.writev
         read_only = storage.read_only
         qname = queue.name
+        queue.status_tail = True  # the status byte ends every request's writable part
         index = queue.index
         stats = QueueStats()
         if index < len(self.queue_stats):

@@ -384,6 +384,12 @@ class AdminCommands:
                          va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_COUNT,
                          va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_LIST):
             raise _field(f"metadata type {mtype}")
+        if mtype in (va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_SIZE,
+                     va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_COUNT) and capacity < 8:
+            # Spec: ENOMEM when the result buffer cannot hold the response, for every
+            # metadata type (a cut size would read as a different size).
+            raise AdminError(S.VIRTIO_ADMIN_STATUS_ENOMEM, Q.VIRTIO_ADMIN_STATUS_Q_NORESOURCE,
+                             f"metadata needs 8 bytes, buffer has {capacity}")
 
         def metadata(parts: list[Part]) -> bytes:
             if mtype == va.VIRTIO_ADMIN_CMD_DEV_PARTS_METADATA_TYPE_SIZE:
@@ -545,8 +551,9 @@ class OwnerDevice:
     def _admin_request(self, queue: SplitVirtqueue, head: int, readable: list[memoryview],
                        writable: list[memoryview]) -> int:
         room = sum(map(len, writable))
-        if room < va.ADMIN_STATUS_SIZE:
-            log.warning("admin command at head %d has no room for its status; dropped", head)
+        if room == 0:
+            # Nothing could report the outcome: run nothing.
+            log.info("admin command at head %d has no device-writable part; dropped", head)
             return 0
         size = sum(map(len, readable))
         if size > ADMIN_COMMAND_MAX:
@@ -555,7 +562,10 @@ class OwnerDevice:
             outcome: Outcome | Pending[Outcome] = (
                 S.VIRTIO_ADMIN_STATUS_EINVAL, Q.VIRTIO_ADMIN_STATUS_Q_INVALID_COMMAND, b"")
         else:
-            outcome = self.commands.execute(b"".join(readable), room - va.ADMIN_STATUS_SIZE)
+            # A writable part shorter than the status still gets what fits of it (the
+            # spec: a short buffer never fails a command by itself).
+            outcome = self.commands.execute(b"".join(readable),
+                                            max(0, room - va.ADMIN_STATUS_SIZE))
         if isinstance(outcome, Pending):
             outcome.then(lambda p: queue.complete(head, _write_result(p.result(), writable)))
             return PENDING

@@ -8,6 +8,8 @@ left out; docs/admin-over-vhost-user.md specifies the commands.
 
 from __future__ import annotations
 
+from .dirtylog import set_bit_run
+
 MAX_RANGES = 64
 MAX_BITMAP_BYTES = 16 << 20
 
@@ -50,8 +52,7 @@ class WriteTracker:
             first = (lo - start) >> shift
             last = (hi - 1 - start) >> shift
             self.marked += last - first + 1
-            for page in range(first, last + 1):
-                bitmap[page >> 3] |= 1 << (page & 7)
+            set_bit_run(bitmap, first, last)
 
     def report_size(self) -> int:
         return 8 + sum(len(b) for _, _, b in self.ranges)

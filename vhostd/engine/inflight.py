@@ -48,13 +48,18 @@ import os
 import struct
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vhostd_proto.inflight import (
     INFLIGHT_PACKED_FEATURES,
     INFLIGHT_VERSION,
     inflight_queue_stride,
 )
+
+from .seals import check_mappable, sealed_memfd
+
+if TYPE_CHECKING:
+    from .memory import MappingBudget
 
 # Header: features u64, version u16, desc_num u16, last_batch_head u16, used_idx u16.
 HEADER = struct.Struct("<QHHHH")
@@ -323,13 +328,26 @@ class InflightRegion:
     the packed layout (which the front end's acked features chose)."""
 
     def __init__(self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int,
-                 queue_size: int, packed: bool = False) -> None:
+                 queue_size: int, packed: bool = False,
+                 budget: MappingBudget | None = None) -> None:
         stride = inflight_queue_stride(queue_size, packed)
         if mmap_size < stride * num_queues:
             raise ValueError(f"inflight region of {mmap_size} bytes is too small for "
                              f"{num_queues} queues of {queue_size}")
-        self.mm = mmap.mmap(fd, mmap_offset + mmap_size, mmap.MAP_SHARED,
-                            mmap.PROT_READ | mmap.PROT_WRITE)
+        # Only the queues' strides are used: a larger mmap_size maps nothing more.
+        length = mmap_offset + stride * num_queues
+        check_mappable(fd, length, "inflight region")
+        if budget is not None:
+            budget.charge(length, "inflight region")
+        try:
+            self.mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            if budget is not None:
+                budget.refund(length)
+            raise
+        self._budget = budget
+        self._length = length
+        mmap_size = stride * num_queues
         # A queue worker process maps the same region: it gets the fd and these.
         self.fd = os.dup(fd)
         self.args = (mmap_size, mmap_offset, num_queues, queue_size, packed)
@@ -351,15 +369,14 @@ class InflightRegion:
     def create(num_queues: int, queue_size: int, packed: bool = False) -> tuple[int, int]:
         """A fresh zeroed memfd for GET_INFLIGHT_FD: (fd, size)."""
         size = inflight_queue_stride(queue_size, packed) * num_queues
-        fd = os.memfd_create("vhostd-inflight", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-        except OSError:
-            os.close(fd)
-            raise
-        return fd, size
+        # Sealed: when it comes back (SET_INFLIGHT_FD, perhaps to a restarted vhostd)
+        # nobody can have shrunk it under the mapping.
+        return sealed_memfd("vhostd-inflight", size), size
 
     def close(self) -> None:
+        if self._budget is not None:
+            self._budget.refund(self._length)
+            self._budget = None
         os.close(self.fd)
         for q in self.queues:
             q.release()

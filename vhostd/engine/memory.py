@@ -14,9 +14,44 @@ from dataclasses import dataclass
 
 from vhostd_proto.vhost_user import VHOST_MEMORY_BASELINE_NREGIONS
 
+from .seals import UnsafeMemory, check_mappable
+
 
 class GuestMemoryError(Exception):
     """An address range that is not entirely inside guest memory."""
+
+
+# How much address space one front end may have vhostd map (guest RAM, dirty log,
+# inflight region): enough for guests of hundreds of GiB, small against the 128 TiB
+# of a process, so no front end can starve the others. --max-mapped-memory sets it
+# (through this variable, which queue worker processes inherit).
+MAX_MAPPED_ENV = "VHOSTD_MAX_MAPPED_MEMORY"
+DEFAULT_MAX_MAPPED = 1 << 40
+
+
+def max_mapped_default() -> int:
+    try:
+        return int(os.environ.get(MAX_MAPPED_ENV, "")) or DEFAULT_MAX_MAPPED
+    except ValueError:
+        return DEFAULT_MAX_MAPPED
+
+
+class MappingBudget:
+    """Bytes of address space one front end has vhostd map, against a limit."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = max_mapped_default() if limit is None else limit
+        self.used = 0
+
+    def charge(self, nbytes: int, what: str) -> None:
+        if self.used + nbytes > self.limit:
+            raise GuestMemoryError(
+                f"{what}: mapping {nbytes} more bytes would exceed this front end's budget "
+                f"({self.used} of {self.limit} bytes mapped; --max-mapped-memory)")
+        self.used += nbytes
+
+    def refund(self, nbytes: int) -> None:
+        self.used = max(0, self.used - nbytes)
 
 
 @dataclass(eq=False)
@@ -28,12 +63,16 @@ class Region:
     mm: mmap.mmap
     view: memoryview  # exactly the region's bytes
     fd: int  # our own duplicate, so a queue worker process can map the region too
+    budget: MappingBudget | None = None  # refunded on release
 
     @property
     def gpa_end(self) -> int:
         return self.guest_phys_addr + self.memory_size
 
     def release(self) -> None:
+        if self.budget is not None:
+            self.budget.refund(self.mmap_offset + self.memory_size)
+            self.budget = None
         os.close(self.fd)
         self.view.release()
         try:
@@ -50,9 +89,10 @@ MAX_MEM_SLOTS = 509
 class GuestMemory:
     """The region table of one front-end connection."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: MappingBudget | None = None) -> None:
         self.regions: list[Region] = []
         self.generation = 0  # changes with every table change
+        self.budget = budget if budget is not None else MappingBudget()
 
     # ---- table changes -----------------------------------------------------
     def add(self, fd: int, guest_phys_addr: int, memory_size: int, userspace_addr: int,
@@ -72,15 +112,22 @@ class GuestMemory:
                     f"{r.guest_phys_addr:#x}"
                 )
         length = mmap_offset + memory_size
+        what = f"region at GPA {guest_phys_addr:#x}"
+        try:
+            check_mappable(fd, length, what)
+        except UnsafeMemory as e:
+            raise GuestMemoryError(str(e)) from e
+        self.budget.charge(length, what)
         try:
             # Map from offset 0: the offset need not be page aligned (hugetlbfs).
             mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except (OSError, ValueError, OverflowError) as e:
+            self.budget.refund(length)
             raise GuestMemoryError(f"cannot map region at GPA {guest_phys_addr:#x} "
                                    f"({length} bytes): {e}") from e
         view = memoryview(mm)[mmap_offset:length]
         region = Region(guest_phys_addr, memory_size, userspace_addr, mmap_offset, mm, view,
-                        os.dup(fd))
+                        os.dup(fd), self.budget)
         self.regions.append(region)
         self.generation += 1
         self.regions.sort(key=lambda r: r.guest_phys_addr)
@@ -115,12 +162,21 @@ class GuestMemory:
         if len(table) > VHOST_MEMORY_BASELINE_NREGIONS:
             raise GuestMemoryError("too many regions")
         old, self.regions = self.regions, []
+        # The new table replaces the old one: it gets the whole budget (both are mapped
+        # for a moment, as a front end that re-sends its table expects).
+        old_bytes = sum(r.mmap_offset + r.memory_size for r in old)
+        self.budget.refund(old_bytes)
+        for r in old:
+            r.budget = None
         try:
             for entry in table:
                 self.add(*entry)
         except GuestMemoryError:
             self.clear()
             self.regions = old
+            self.budget.used += old_bytes
+            for r in old:
+                r.budget = self.budget
             raise
         for r in old:
             r.release()

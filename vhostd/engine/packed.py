@@ -183,7 +183,7 @@ class PackedVirtqueue(SplitVirtqueue):
             n = handler(buf_id, readable, writable)
             if n >= 0 and not self._order:
                 if written:
-                    self._mark_writes(written)
+                    self._mark_writes(written, n)
                 self._push(buf_id, n, count)
             else:
                 if n < 0 and written is None:
@@ -199,7 +199,7 @@ class PackedVirtqueue(SplitVirtqueue):
         chain is."""
         if n >= 0:
             if written:
-                self._mark_writes(written)
+                self._mark_writes(written, n)
             self._order.append([buf_id, count, n])
             return
         entry: list[int | None] = [buf_id, count, None]
@@ -314,7 +314,7 @@ class PackedVirtqueue(SplitVirtqueue):
         entry = self._by_id.pop(head, None)
         if entry is not None and self.started and not self.broken and self.desc is not None:
             if written:
-                self._mark_writes(written)
+                self._mark_writes(written, length)
             entry[2] = length
             order = self._order
             while order and order[0][2] is not None:
@@ -432,7 +432,7 @@ class PackedVirtqueue(SplitVirtqueue):
                     raise RingError(f"buffer id {buf_id} in flight twice")
                 n = self.handler(buf_id, readable, writable)
                 if n >= 0 and not self._order:
-                    self._mark_writes(written)
+                    self._mark_writes(written, n)
                     self._push(buf_id, n, count)
                 else:
                     self._hold(buf_id, count, n, written)

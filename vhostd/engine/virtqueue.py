@@ -29,7 +29,7 @@ from vhostd_proto.virtio import (
 
 from ..core import events
 from .barrier import full_barrier
-from .dirtylog import DirtyLog
+from .dirtylog import DirtyLog, written_ranges
 from .dirtytrack import WriteTracker
 from .inflight import InflightQueue
 from .loop import FdWatcher
@@ -158,6 +158,9 @@ class SplitVirtqueue:
         self._signalled_valid = False
         self.dirty_log: DirtyLog | None = None  # set while QEMU migrates (LOG_ALL)
         self.tracker: WriteTracker | None = None  # set while the owner tracks writes
+        # The device writes its last writable byte whatever the used length says
+        # (virtio-blk's status byte); set by the device's make_handler.
+        self.status_tail = False
         self._pending_writes: dict[int, list[tuple[int, int]]] = {}
         self.requests = 0  # statistics: chains completed
         # Arms a short timer that calls process(): set while this process serves the
@@ -518,7 +521,7 @@ class SplitVirtqueue:
                 n = handler(head, readable, writable)
                 if logging:
                     if n >= 0:
-                        self._mark_writes(written)
+                        self._mark_writes(written, n)
                     else:
                         self._pending_writes[head] = written
                 if n >= 0:
@@ -613,7 +616,7 @@ class SplitVirtqueue:
                     written = None
             if not self.broken:
                 if written:
-                    self._mark_writes(written)
+                    self._mark_writes(written, length)
                 self.push_used(head, length)
                 if publish:
                     self._publish()
@@ -642,10 +645,13 @@ class SplitVirtqueue:
         if self._needs_signal(old, new):
             _signal(self.call_fd)
 
-    def _mark_writes(self, written: list[tuple[int, int]]) -> None:
+    def _mark_writes(self, written: list[tuple[int, int]], used: int) -> None:
+        """Mark what a chain's used length says the device wrote, not every byte it
+        could have written (a refused request writes its status byte only)."""
+        ranges = written_ranges(written, used, self.status_tail)
         for log in (self.dirty_log, self.tracker):
             if log is not None:
-                for gpa, length in written:
+                for gpa, length in ranges:
                     log.mark(gpa, length)
 
     def _mark_used(self, offset: int, length: int) -> None:
@@ -717,7 +723,7 @@ class SplitVirtqueue:
         """Hand a resolved chain to the device and account for its writes."""
         n = self.handler(head, readable, writable)
         if n >= 0:
-            self._mark_writes(written)
+            self._mark_writes(written, n)
             self.push_used(head, n)
         else:
             self.outstanding += 1

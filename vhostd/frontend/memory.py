@@ -9,12 +9,14 @@ The back end maps the fd itself, so the front end only needs to keep its own sha
 from __future__ import annotations
 
 import bisect
+import fcntl
 import mmap
 import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
 PAGE_SIZE = 4096
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 # Fake QVAs: far from any GPA so a back end that mixes up the two address spaces fails loudly.
 DEFAULT_QVA_BASE = 0x7F00_0000_0000
 
@@ -47,10 +49,14 @@ class GuestRegion:
         self.end = gpa + size
         self.qva = qva
         self.mmap_offset = mmap_offset
-        self.fd = os.memfd_create(f"vhostd-guest-{gpa:#x}", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(f"vhostd-guest-{gpa:#x}",
+                                  os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         # The fd is sparse: only pages that somebody touches get allocated, so generous
         # region sizes cost nothing.
         os.ftruncate(self.fd, mmap_offset + size)
+        # Sealed as QEMU's memory-backend-memfd seals (seal=on): a back end may insist
+        # that nobody can shrink the memory it maps.
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, SEALS)
         # Map the leading pad too, as a back end does (it maps from 0 to mmap_offset + size).
         self.mm = mmap.mmap(self.fd, mmap_offset + size, mmap.MAP_SHARED,
                             mmap.PROT_READ | mmap.PROT_WRITE)

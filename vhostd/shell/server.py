@@ -29,10 +29,15 @@ from ..core.protocol import BackendProtocol, Message, ProtocolError
 from ..engine.loop import close_fds
 from ..vhost_user.handler import Reply, VhostUserHandler
 from .fdpass import anc_space, fds_ancillary, take_fds
+from .loopguard import guard
 
 log = logging.getLogger(__name__)
 
 _FD_SPACE = anc_space(vu.VHOST_USER_MAX_FDS)
+
+
+class FrontEndGone(Exception):
+    """The front end closed (or reset) the connection before its reply was sent."""
 
 
 class StartupError(Exception):
@@ -134,10 +139,28 @@ class Connection:
         self.waiting: Pending[Reply] | None = None  # a reply not yet due; reading paused
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._readable)
+        guard(self.loop).watch(id(self), self._recheck)
 
-    def _readable(self) -> None:
+    def _recheck(self) -> None:
+        """The loop may have dropped this socket (loopguard): read what is waiting, up
+        to the hang-up of a front end that has gone, and watch the socket again. Not
+        while a reply is due: nothing more is read from the front end until then."""
+        if self.closed or self.waiting is not None or not self._readable():
+            return
+        while not self.closed and self.waiting is None and self._readable():
+            pass
+        if not self.closed and self.waiting is None:
+            fd = self.sock.fileno()
+            self.loop.remove_reader(fd)
+            self.loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> bool:
         try:
-            self._read_some()
+            return self._read_some()
+        except FrontEndGone as e:
+            self.log.info("front end went away before its reply (%s); closing the connection",
+                          e)
+            self.close()
         except ProtocolError as e:
             close_fds(e.fds)
             self.log.error("front end protocol error: %s; closing the connection", e)
@@ -146,19 +169,20 @@ class Connection:
             self.log.exception("internal error handling a front-end message; closing the "
                                "connection")
             self.close()
+        return False
 
-    def _read_some(self) -> None:
+    def _read_some(self) -> bool:
         # Read only up to the end of the current header or payload, so fds stay
         # paired with the message they were sent with.
         want = self.protocol.bytes_needed()
         try:
             data, ancdata, flags, _ = self.sock.recvmsg(want, _FD_SPACE)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as e:
             self.log.info("front end connection error: %s", e.strerror)
             self.close()
-            return
+            return False
         fds = take_fds(ancdata)
         if flags & socket.MSG_CTRUNC:
             raise ProtocolError(f"more than {vu.VHOST_USER_MAX_FDS} fds in one message", fds)
@@ -166,13 +190,20 @@ class Connection:
             close_fds(fds)
             self.log.info("front end disconnected")
             self.close()
-            return
+            return False
         # Reads stop at the end of a header or payload: at most one message here.
-        for msg in self.protocol.receive(data, fds):
+        msgs = self.protocol.receive(data, fds)
+        for i, msg in enumerate(msgs):
             if self.closed:
                 close_fds(msg.fds)
                 continue
-            self._dispatch(msg)
+            try:
+                self._dispatch(msg)
+            except Exception:
+                # Messages after the one that failed still own their fds.
+                close_fds([fd for m in msgs[i + 1:] for fd in m.fds])
+                raise
+        return True
 
     def _dispatch(self, msg: Message) -> None:
         if self.log.isEnabledFor(logging.DEBUG):
@@ -203,6 +234,11 @@ class Connection:
             return
         try:
             self._reply(p.result())
+        except FrontEndGone as e:
+            self.log.info("front end went away before its reply (%s); closing the connection",
+                          e)
+            self.close()
+            return
         except ProtocolError as e:
             self.log.error("front end protocol error: %s; closing the connection", e)
             self.close()
@@ -225,7 +261,12 @@ class Connection:
     def _send(self, data: bytes, fds: list[int]) -> None:
         # Replies are small and the front end waits for them; a full socket buffer
         # means the front end is not reading, which is fatal for the connection.
-        sent = self.sock.sendmsg([data], fds_ancillary(fds))
+        try:
+            sent = self.sock.sendmsg([data], fds_ancillary(fds))
+        except BlockingIOError:
+            raise ProtocolError("front end does not read its replies") from None
+        except OSError as e:
+            raise FrontEndGone(e.strerror or str(e)) from None
         if sent != len(data):
             raise ProtocolError("front end does not read its replies")
 
@@ -261,6 +302,7 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        guard(self.loop).forget(id(self))
         if self.waiting is None:
             self.loop.remove_reader(self.sock.fileno())
         close_fds(self.protocol.pending_fds())
@@ -305,6 +347,9 @@ class DeviceServer:
         except OSError as e:
             self.log.error("accept failed: %s", e)
             return
+        if self.connection is not None:
+            # The current one may have gone without the loop noticing (loopguard).
+            self.connection._recheck()
         if self.connection is not None:
             self.log.warning("refusing a second front end while one is connected")
             conn.close()

@@ -29,6 +29,7 @@ from ..core.pending import Pending, after, all_of
 from ..core.protocol import RULES, BackendProtocol, DeviceInfo, Message, ProtocolError, RingScope
 from ..engine.dirtylog import DirtyLog
 from ..engine.dirtytrack import WriteTracker
+from ..engine.fdcheck import fd_kind, is_eventfd
 from ..engine.inflight import InflightRegion
 from ..engine.loop import Loop, close_fds
 from ..engine.memory import GuestMemory, GuestMemoryError
@@ -354,8 +355,8 @@ class VhostUserHandler:
         b = msg.body
         fd = msg.fds[0]
         try:
-            new = DirtyLog(fd, b.mmap_size, b.mmap_offset)
-        except (OSError, ValueError, OverflowError) as e:
+            new = DirtyLog(fd, b.mmap_size, b.mmap_offset, self.memory.budget)
+        except (OSError, ValueError, OverflowError, GuestMemoryError) as e:
             raise RequestFailed(f"cannot map the dirty log: {e}") from e
         finally:
             os.close(fd)
@@ -453,6 +454,7 @@ class VhostUserHandler:
                 q.fail(str(e))
 
     def _on_set_vring_kick(self, msg: Message) -> Any:
+        _require_eventfd(msg)
         q = self.queues[msg.ring]  # type: ignore[index]
         if q.outstanding:
             # A restart of a running ring: its requests still at the device complete
@@ -506,9 +508,11 @@ class VhostUserHandler:
         self.placement.update_watch(q)
 
     def _on_set_vring_call(self, msg: Message) -> None:
+        _require_eventfd(msg)
         self._replace_eventfd(self.queues[msg.ring], "call_fd", msg.fd)  # type: ignore[index]
 
     def _on_set_vring_err(self, msg: Message) -> None:
+        _require_eventfd(msg)
         self._replace_eventfd(self.queues[msg.ring], "err_fd", msg.fd)  # type: ignore[index]
 
     @staticmethod
@@ -682,8 +686,9 @@ class VhostUserHandler:
                 # SET_FEATURES came first: the acked features choose the layout.
                 self.inflight = InflightRegion(
                     fd, b.mmap_size, b.mmap_offset, b.num_queues, b.queue_size,
-                    packed=bool(self.features & 1 << Feature.VIRTIO_F_RING_PACKED))
-            except (ValueError, OSError, OverflowError) as e:
+                    packed=bool(self.features & 1 << Feature.VIRTIO_F_RING_PACKED),
+                    budget=self.memory.budget)
+            except (ValueError, OSError, OverflowError, GuestMemoryError) as e:
                 raise RequestFailed(f"inflight region: {e}") from e
         finally:
             os.close(fd)
@@ -704,6 +709,13 @@ class VhostUserHandler:
                                      "num_queues": b.num_queues,
                                      "queue_size": b.queue_size})
         return payload, [fd]
+
+
+def _require_eventfd(msg: Message) -> None:
+    fd = msg.fd
+    if fd is not None and not is_eventfd(fd):
+        raise ProtocolError(f"{msg.request.name}: the fd is not an eventfd ({fd_kind(fd)})",
+                            msg.fds)
 
 
 def _unset_handler(head: int, readable: list[memoryview], writable: list[memoryview]) -> int:
