@@ -256,11 +256,4 @@ def test_message_handler_survives_any_front_end(served, steps: list[tuple], ram_
     after = open_fds()
     if after != before:
         after = open_fds(collect=True)
-    leaked = set(after.items()) - set(before.items())
-    if (leaked and os.environ.get("VHOSTD_FUZZ_KNOWN_RAM_PIN") == "1"
-            and all(kind.startswith("/memfd:vhostd-fuzz-ram") for _, kind in leaked)):
-        # The open finding of docs/fuzzing.md, counted instead of failing, so a
-        # campaign can look for other findings in this target.
-        count("(open finding: RAM fd kept)", 0)
-        return
     assert after == before, f"fds leaked: {set(after.items()) - set(before.items())}"

@@ -15,6 +15,7 @@ import mmap
 import os
 from typing import TYPE_CHECKING
 
+from .memory import unmap
 from .seals import check_mappable
 
 if TYPE_CHECKING:
@@ -79,14 +80,15 @@ class DirtyLog:
         if budget is not None:
             budget.charge(length, "dirty log")
         try:
-            self.mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             if budget is not None:
                 budget.refund(length)
             raise
+        self.mm: mmap.mmap | None = mm
         self._budget = budget
         self._length = length
-        self.bitmap = memoryview(self.mm)[mmap_offset:mmap_offset + mmap_size]
+        self.bitmap = memoryview(mm)[mmap_offset:mmap_offset + mmap_size]
         self.fd = os.dup(fd)  # for a queue worker process to map the same log
         self.offset = mmap_offset
         self.size = mmap_size
@@ -121,7 +123,6 @@ class DirtyLog:
             self._budget = None
         os.close(self.fd)
         self.bitmap.release()
-        try:
-            self.mm.close()
-        except BufferError:
-            pass
+        if self.mm is not None:
+            unmap(self.mm)
+            self.mm = None

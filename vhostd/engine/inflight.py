@@ -56,6 +56,7 @@ from vhostd_proto.inflight import (
     inflight_queue_stride,
 )
 
+from .memory import unmap
 from .seals import check_mappable, sealed_memfd
 
 if TYPE_CHECKING:
@@ -340,11 +341,12 @@ class InflightRegion:
         if budget is not None:
             budget.charge(length, "inflight region")
         try:
-            self.mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             if budget is not None:
                 budget.refund(length)
             raise
+        self.mm: mmap.mmap | None = mm
         self._budget = budget
         self._length = length
         mmap_size = stride * num_queues
@@ -354,7 +356,7 @@ class InflightRegion:
         self.num_queues = num_queues
         self.queue_size = queue_size
         self.packed = packed
-        base = memoryview(self.mm)[mmap_offset:mmap_offset + mmap_size]
+        base = memoryview(mm)[mmap_offset:mmap_offset + mmap_size]
         self.queues: list[InflightQueue | PackedInflightQueue] = []
         for i in range(num_queues):
             view = base[i * stride:(i + 1) * stride]
@@ -380,7 +382,6 @@ class InflightRegion:
         os.close(self.fd)
         for q in self.queues:
             q.release()
-        try:
-            self.mm.close()
-        except BufferError:
-            pass
+        if self.mm is not None:
+            unmap(self.mm)
+            self.mm = None

@@ -17,6 +17,18 @@ from vhostd_proto.vhost_user import VHOST_MEMORY_BASELINE_NREGIONS
 from .seals import UnsafeMemory, check_mappable
 
 
+def unmap(mm: mmap.mmap) -> None:
+    """Unmap ``mm`` now, or, while views handed to in-flight I/O still pin it, as soon
+    as the last of them goes. The caller must drop its own reference too: the mapping
+    and the fd that ``mmap`` keeps for it live as long as the object does, and a
+    released object can outlive its owner (an exception's traceback holds the frames
+    that saw it)."""
+    try:
+        mm.close()
+    except BufferError:
+        pass
+
+
 class GuestMemoryError(Exception):
     """An address range that is not entirely inside guest memory."""
 
@@ -60,7 +72,7 @@ class Region:
     memory_size: int
     userspace_addr: int
     mmap_offset: int
-    mm: mmap.mmap
+    mm: mmap.mmap | None  # None once released
     view: memoryview  # exactly the region's bytes
     fd: int  # our own duplicate, so a queue worker process can map the region too
     budget: MappingBudget | None = None  # refunded on release
@@ -75,12 +87,9 @@ class Region:
             self.budget = None
         os.close(self.fd)
         self.view.release()
-        try:
-            self.mm.close()
-        except BufferError:
-            # Views handed to in-flight I/O still pin the mapping; it goes away with
-            # the last of them.
-            pass
+        if self.mm is not None:
+            unmap(self.mm)
+            self.mm = None
 
 
 MAX_MEM_SLOTS = 509
