@@ -150,6 +150,23 @@ def test_sigterm_exits_fast_and_clean(tmp_path: Path, sparse_image, vhostd) -> N
     assert "shutting down" in d.log
 
 
+def test_repeated_sigterm_during_shutdown_still_exits_clean(tmp_path: Path, sparse_image,
+                                                           vhostd) -> None:
+    """A supervisor that repeats SIGTERM while vhostd shuts down gets exit status 0
+    and a removed pid file, not a death by signal halfway through."""
+    d = vhostd(f"--blk-file={sparse_image()}", socket_path=tmp_path / "s.sock")
+    d.signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while d.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            d.signal(signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        time.sleep(0.0005)
+    assert d.proc.wait(5) == 0, d.log
+    assert not d.pidfile.exists()
+
+
 def test_asyncio_loop_option(tmp_path: Path, sparse_image, vhostd) -> None:
     vhostd(f"--blk-file={sparse_image()}", "--event-loop=asyncio",
            socket_path=tmp_path / "s.sock")
