@@ -382,7 +382,6 @@ class NbdStorage:
     def _collect(self, conn: _Conn) -> None:
         h = conn.h
         cmds = conn.cmds
-        dead = h.aio_is_dead() or h.aio_is_closed()
         while cmds:
             try:
                 cookie = h.aio_peek_command_completed()
@@ -398,7 +397,8 @@ class NbdStorage:
             req = cmds.pop(cookie, None)
             if req is None:
                 continue
-            if err and (dead or err in (errno.ENOTCONN, errno.ESHUTDOWN)):
+            if err and (err in (errno.ENOTCONN, errno.ESHUTDOWN)
+                        or h.aio_is_dead() or h.aio_is_closed()):
                 cmds[cookie] = req  # resent by _drop with the connection's others
                 break
             if err and not req.error:
