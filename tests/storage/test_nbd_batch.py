@@ -18,7 +18,15 @@ import pytest
 from storage_support import Loop, NbdServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from unit_support import F_NEXT, F_WRITE, GuestRam, Ring, eventfd_count
+from unit_support import (
+    F_WRITE,
+    GuestRam,
+    PackedRing,
+    Ring,
+    UsedDesc,
+    eventfd_count,
+    packed_used_flags,
+)
 
 from vhostd.devices.blk import BlkDevice, BlkOptions
 from vhostd.engine.inflight import InflightRegion
@@ -95,9 +103,8 @@ def test_replies_of_one_read_are_published_once(
         for i, head in enumerate(heads):
             ram.write(HDR + 0x100 * i, struct.pack("<IIQ", T_IN, 0, 8 * i))
             ram.write(HDR + 0x100 * i + 0x80, b"\xee")
-            ring.desc(head, HDR + 0x100 * i, 16, F_NEXT, head + 1)
-            ring.desc(head + 1, DATA + 0x1000 * i, 4096, F_WRITE | F_NEXT, head + 2)
-            ring.desc(head + 2, HDR + 0x100 * i + 0x80, 1, F_WRITE)
+            ring.chain(head, [(HDR + 0x100 * i, 16, 0), (DATA + 0x1000 * i, 4096, F_WRITE),
+                              (HDR + 0x100 * i + 0x80, 1, F_WRITE)])
         ring.publish(*heads)
         q.process()
         assert q.outstanding == REQUESTS and flagged(inflight_fd) == set(heads)
@@ -128,6 +135,37 @@ def test_replies_of_one_read_are_published_once(
     finally:
         storage.close()
         region.close()
+        os.close(call)
+
+
+def test_packed_ring_batch_in_take_order(ram: GuestRam, loop: Loop,
+                                         nbd_server: Callable[..., NbdServer]) -> None:
+    """On a packed ring the batch is published in take order with one interrupt."""
+    server = nbd_server("nbdkit", "pattern", "1M")
+    storage = NbdStorage(server.uri)
+    dev = BlkDevice("nbd0", storage, BlkOptions())
+    ring = PackedRing(ram, QS, 0x0, 0x200, 0x400)
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        q = ring.queue(lambda h, r, w: 0, call_fd=call, start=False)
+        q.handler = dev.make_handler(q)
+        q.start(ram.memory)
+        dev.start(loop)
+        ids = list(range(1, REQUESTS + 1))
+        for i, buf_id in enumerate(ids):
+            ram.write(HDR + 0x100 * i, struct.pack("<IIQ", T_IN, 0, 8 * i))
+            ring.add(buf_id, [(HDR + 0x100 * i, 16, 0), (DATA + 0x1000 * i, 4096, F_WRITE),
+                              (HDR + 0x100 * i + 0x80, 1, F_WRITE)])
+        q.process()
+        assert q.outstanding == REQUESTS and eventfd_count(call) == 0
+        wait_for_bytes(storage.conns[0].fd, REQUESTS * 4096)
+        assert poll_once(loop) == 1
+        assert q.outstanding == 0
+        assert ring.take_used() == [UsedDesc(3 * i, buf_id, 4097, packed_used_flags(1))
+                                    for i, buf_id in enumerate(ids)]
+        assert eventfd_count(call) == 1
+    finally:
+        storage.close()
         os.close(call)
 
 
