@@ -37,7 +37,7 @@ pytest.importorskip("nbd")
 
 QS = 32
 REQUESTS = 8
-T_IN = 0
+T_IN, T_OUT = 0, 1
 HDR = 0x1000  # request headers and status bytes
 DATA = 0x4000  # 4 KiB read buffers
 
@@ -164,6 +164,43 @@ def test_packed_ring_batch_in_take_order(ram: GuestRam, loop: Loop,
         assert ring.take_used() == [UsedDesc(3 * i, buf_id, 4097, packed_used_flags(1))
                                     for i, buf_id in enumerate(ids)]
         assert eventfd_count(call) == 1
+    finally:
+        storage.close()
+        os.close(call)
+
+
+def test_writethrough_writes_complete_after_their_flush(
+        ram: GuestRam, loop: Loop, tmp_path: Path,
+        nbd_server: Callable[..., NbdServer]) -> None:
+    """wce=0: each write's completion submits a flush from inside the batch; the
+    requests are published once their flushes completed, in a later batch."""
+    log_path = tmp_path / "nbdkit.log"
+    server = nbd_server("nbdkit", "--filter=log", "memory", "1M", f"logfile={log_path}")
+    storage = NbdStorage(server.uri)
+    assert storage.info["flush"]
+    dev = BlkDevice("nbd0", storage, BlkOptions(writeback=False))
+    ring = Ring(ram, QS, 0x0, 0x200, 0x400)
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        q = ring.queue(lambda h, r, w: 0, call_fd=call, start=False)
+        q.handler = dev.make_handler(q)
+        q.start(ram.memory)
+        dev.start(loop)
+        heads = [3 * i for i in range(4)]
+        for i, head in enumerate(heads):
+            ram.write(HDR + 0x100 * i, struct.pack("<IIQ", T_OUT, 0, 8 * i))
+            ram.write(DATA + 0x1000 * i, bytes([i + 1]) * 4096)
+            ring.chain(head, [(HDR + 0x100 * i, 16, 0), (DATA + 0x1000 * i, 4096, 0),
+                              (HDR + 0x100 * i + 0x80, 1, F_WRITE)])
+        ring.publish(*heads)
+        q.process()
+        assert q.outstanding == 4
+        loop.run_until(lambda: q.outstanding == 0)
+        assert sorted(h for h, _ in ring.used_elems()) == heads
+        assert all(ram.read(HDR + 0x100 * i + 0x80, 1) == b"\0" for i in range(4))
+        assert eventfd_count(call) >= 1
+        log_text = log_path.read_text()
+        assert log_text.count("Flush") >= 4 and log_text.count("Write") >= 4
     finally:
         storage.close()
         os.close(call)
