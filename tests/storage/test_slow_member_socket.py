@@ -35,6 +35,7 @@ HELD = 1.5  # how long the slow member's requests are kept at the stopped server
 PROMPT_MEDIAN = 0.1
 PROMPT_WORST = HELD / 2
 STUCK = 4  # requests left at the stopped server
+TAKE = 0.2  # time for the daemon to take them from the ring and send them
 # DEV_PARTS_METADATA_GET of an object that cannot exist: a member answers ENXIO.
 PROBE = struct.pack("<H2xIB7x", 0, 0xFFFFFFFF, 0)
 
@@ -128,8 +129,8 @@ def test_a_slow_member_waits_for_its_storage_and_nobody_waits_for_it(
     slow_server = nbd_server("nbdkit", "memory", "16M")
     fast_server = nbd_server("nbdkit", "memory", "16M")
     m1, m2 = short_dir / "m1.sock", short_dir / "m2.sock"
-    # With one queue worker member 1's ring is served by the worker process (its own
-    # NBD connection), member 2's by the main process.
+    # With one queue worker, member 2's ring is served by the worker process (with its
+    # own NBD connection) and member 1's by the main process.
     vhostd(f"--member=socket-path={m1},blk-nbd={slow_server.uri}",
            f"--member=socket-path={m2},blk-nbd={fast_server.uri}",
            f"--queue-workers={workers}", socket_path=short_dir / "o.sock")
@@ -148,7 +149,7 @@ def test_a_slow_member_waits_for_its_storage_and_nobody_waits_for_it(
         try:
             stuck = [slow.submit_read(0, 8 * i, 4096) for i in range(STUCK)]
             slow.kick(0)
-            time.sleep(0.05)
+            time.sleep(TAKE)
             stop = admin.start(C.VIRTIO_ADMIN_CMD_DEV_MODE_SET, 1, bytes([STOPPED]))
             t0 = time.monotonic()
             others_answer(fast, driver)
@@ -172,7 +173,7 @@ def test_a_slow_member_waits_for_its_storage_and_nobody_waits_for_it(
         try:
             stuck = [slow.submit_read(0, 8 * i, 4096) for i in range(STUCK)]
             slow.kick(0)
-            time.sleep(0.05)
+            time.sleep(TAKE)
             slow.client.request(GET_VRING_BASE, struct.pack("<II", 0, 0))
             t0 = time.monotonic()
             others_answer(fast, driver)
