@@ -9,7 +9,7 @@ reads from it at queue depth 1 and 32 in rounds, each round:
   (completions through ``on_complete``, each batch ended by ``on_batch_done``);
 - ``libnbd``: the in-run baseline, the same reads through libnbd's own calls with no
   vhostd code: at QD1 the synchronous ``pread`` (libnbd's C loop waits on the
-  socket), at QD32 a bare ``aio_pread`` / ``poll`` loop.
+  socket), at QD32 ``aio_pread`` driven by libnbd's own ``poll``.
 
 Prints IOPS, mean latency and CPU time (user+system of this process) per request for
 each, and vhostd's added latency per request (vhostd - libnbd, QD1). ``--profile``
