@@ -263,7 +263,11 @@ def run_qsd10(image: GuestImage, disk: Path, work: Path, runtime: int, jobs: lis
               backing: str) -> Run:
     """QEMU 10's qemu-storage-daemon with io_uring: the strongest anchor at QD1."""
     sock = work / "qsd10.sock"
-    with StorageDaemon(disk, sock, num_queues=2, binary=QSD10_BINARY[0], aio="io_uring") as qsd:
+    # The same node as qsd's for direct and nbd (an NBD export, not the image file).
+    file_node = disk_args(backing, disk, work)[1]
+    with StorageDaemon(disk, sock, num_queues=2, binary=QSD10_BINARY[0],
+                       aio="io_uring" if file_node is None else None,
+                       file_node=file_node) as qsd:
         assert qsd.proc is not None
         run = Run(QSD10, backing)
         run_guest(image, sock, qsd.proc.pid, runtime, jobs, run)

@@ -120,6 +120,13 @@ class BlkDevice:
         self.queue_stats = [QueueStats() for _ in range(self.num_queues)]
         self._queues: list[tuple[SplitVirtqueue, dict[int, _Pending], QueueStats]] = []
         storage.on_complete = self._on_complete
+        # A storage that reports completions in batches (one read of an NBD socket
+        # brings every reply in it) says when a batch ends: its used entries are
+        # published, and the driver signalled, once per queue then.
+        self._batched = bool(getattr(storage, "batches_completions", False))
+        self._unpublished: list[SplitVirtqueue] = []
+        if self._batched:
+            storage.on_batch_done = self._publish_batch  # type: ignore[attr-defined]
         self._no_status = RateLimitedLog(log)
         self._error_log = RateLimitedLog(log)
         self._tracer = RateLimitedLog(logging.getLogger("vhostd.trace"),
@@ -490,14 +497,32 @@ class BlkDevice:
         except (ValueError, IndexError):
             # Guest memory gone: the ring stopped without waiting (it drops the
             # completion, and the inflight region keeps the request for a restart).
-            queue.complete(head, 1)
+            self._complete(queue, head, 1)
             return
         elapsed = time.monotonic_ns() - p.t0
         stats.completed(p.op, p.nbytes if ok else 0, ok, elapsed)
         if self.options.trace_rate > 0:
             self._trace_line(queue.name, head, p.rtype, p.sector, p.nbytes,
                              S_OK if ok else S_IOERR, elapsed, "completed later")
-        queue.complete(head, p.used if ok else 1)
+        self._complete(queue, head, p.used if ok else 1)
+
+    def _complete(self, queue: SplitVirtqueue, head: int, used: int) -> None:
+        if not self._batched:
+            queue.complete(head, used)
+            return
+        # Published at the end of the storage's batch (_publish_batch). The inflight
+        # region stays exact meanwhile: the request is still flagged there until the
+        # publish records it done.
+        queue.complete(head, used, publish=False)
+        if queue not in self._unpublished:
+            self._unpublished.append(queue)
+
+    def _publish_batch(self) -> None:
+        """The storage reported its last completion of this loop turn: publish each
+        queue's new used entries and signal its driver once."""
+        queues = self._unpublished
+        while queues:
+            queues.pop().publish()
 
     def _io_error(self, queue: SplitVirtqueue, rtype: int, sector: int, err: int) -> None:
         self.io_errors += 1

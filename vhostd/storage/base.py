@@ -19,6 +19,13 @@ class StorageBackend(Protocol):
 
     read_only: bool
     on_complete: Completion
+    # A backend that reports several completions in one loop turn (NBD: every reply
+    # one read of the socket brought) may say so with ``batches_completions = True``:
+    # after each run of ``on_complete`` calls it then calls ``on_batch_done()`` once,
+    # before it returns to the loop, and the device publishes the run's used entries
+    # and signals the driver once. Without it, every completion is published alone.
+    # batches_completions: bool  (optional, False when absent)
+    # on_batch_done: Callable[[], None]
 
     def size(self) -> int:
         """The store's size in bytes, as last learnt (never a network round trip)."""
@@ -54,3 +61,7 @@ class StorageBackend(Protocol):
 
 def ignore_completion(token: Any, error: int) -> None:
     """The completion callback before a device installs its own."""
+
+
+def ignore_batch_done() -> None:
+    """The end-of-batch callback before a device installs its own."""

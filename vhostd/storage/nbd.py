@@ -33,7 +33,7 @@ from typing import Any
 
 from ..engine.loop import FdWatcher
 from ..engine.timer import OneShotTimer
-from .base import DONE, PENDING, Completion, ignore_completion
+from .base import DONE, PENDING, Completion, ignore_batch_done, ignore_completion
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,10 @@ class _Conn:
 class NbdStorage:
     """An NBD export."""
 
+    # One read of the socket may bring several replies: their completions are
+    # reported in a run that ends with on_batch_done() (see base.py).
+    batches_completions = True
+
     def __init__(self, uri: str, read_only: bool = False, reconnect_delay: float = 10.0,
                  connections: int = 1, info: dict[str, Any] | None = None) -> None:
         """Connect to ``uri`` now (blocking: for start-up, where failing is an error
@@ -164,6 +168,9 @@ class NbdStorage:
         self.uri = uri
         self.reconnect_delay = reconnect_delay
         self.on_complete: Completion = ignore_completion
+        self.on_batch_done: Callable[[], None] = ignore_batch_done
+        self._finished = False  # on_complete was called since the last on_batch_done
+        self._busy = 0  # inside a loop callback: it ends the batch
         self.watcher: FdWatcher | None = None
         self.conns: list[_Conn] = []
         self.waiting: deque[_Req] = deque()
@@ -268,11 +275,16 @@ class NbdStorage:
         self._expire(now)
 
     def _retry(self) -> None:
-        self._expire(time.monotonic())
-        if len(self.conns) < self.want_connections:
-            self._connect_more()
-        elif self._down_since is not None:
-            self._timer.arm_after(self._backoff)  # type: ignore[union-attr]
+        self._busy += 1
+        try:
+            self._expire(time.monotonic())
+            if len(self.conns) < self.want_connections:
+                self._connect_more()
+            elif self._down_since is not None:
+                self._timer.arm_after(self._backoff)  # type: ignore[union-attr]
+        finally:
+            self._busy -= 1
+        self._end_batch()
 
     def _expire(self, now: float) -> None:
         """Fail what waited longer than the reconnect delay."""
@@ -305,21 +317,52 @@ class NbdStorage:
                         len(requeue))
 
     # ---- loop callbacks --------------------------------------------------------------
+    def _end_batch(self) -> None:
+        """Report the end of a run of completions, unless a caller further out will."""
+        if self._finished and not self._busy:
+            self._finished = False
+            self.on_batch_done()
+
     def _readable(self, conn: _Conn) -> None:
+        self._busy += 1
         try:
-            conn.h.aio_notify_read()
-        except nbd.Error:
-            pass
-        self._after_notify(conn)
+            h = conn.h
+            try:
+                if conn.ready:
+                    before = h.aio_in_flight()
+                    h.aio_notify_read()
+                    # libnbd takes one reply per notification and leaves the rest in
+                    # the socket: read on while replies complete, so every reply
+                    # already here is one batch of this loop turn (not one loop turn,
+                    # publish and interrupt each). The last call finds the socket
+                    # empty, or a reply not all there: the loop says when it is.
+                    after = h.aio_in_flight()
+                    while 0 < after < before:
+                        before = after
+                        h.aio_notify_read()
+                        after = h.aio_in_flight()
+                else:
+                    h.aio_notify_read()
+            except nbd.Error:
+                pass
+            self._after_notify(conn)
+        finally:
+            self._busy -= 1
+        self._end_batch()
 
     def _writable(self, conn: _Conn) -> None:
-        if conn.ep is not None:
-            conn.ep.poll(0)
+        self._busy += 1
         try:
-            conn.h.aio_notify_write()
-        except nbd.Error:
-            pass
-        self._after_notify(conn)
+            if conn.ep is not None:
+                conn.ep.poll(0)
+            try:
+                conn.h.aio_notify_write()
+            except nbd.Error:
+                pass
+            self._after_notify(conn)
+        finally:
+            self._busy -= 1
+        self._end_batch()
 
     def _after_notify(self, conn: _Conn) -> None:
         if conn is self._probe:
@@ -339,7 +382,6 @@ class NbdStorage:
     def _collect(self, conn: _Conn) -> None:
         h = conn.h
         cmds = conn.cmds
-        dead = h.aio_is_dead() or h.aio_is_closed()
         while cmds:
             try:
                 cookie = h.aio_peek_command_completed()
@@ -355,7 +397,8 @@ class NbdStorage:
             req = cmds.pop(cookie, None)
             if req is None:
                 continue
-            if err and (dead or err in (errno.ENOTCONN, errno.ESHUTDOWN)):
+            if err and (err in (errno.ENOTCONN, errno.ESHUTDOWN)
+                        or h.aio_is_dead() or h.aio_is_closed()):
                 cmds[cookie] = req  # resent by _drop with the connection's others
                 break
             if err and not req.error:
@@ -366,15 +409,25 @@ class NbdStorage:
 
     def _finish(self, req: _Req, err: int) -> None:
         self._pending -= 1
+        self._finished = True
         self.on_complete(req.token, err)
 
     # ---- submitting -----------------------------------------------------------------
-    def _submit(self, req: _Req) -> int:
+    def _pick(self) -> _Conn | None:
+        """The ready connection with the fewest commands in flight."""
         conn = None
         for c in self.conns:
             if c.ready and (conn is None or len(c.cmds) < len(conn.cmds)):
                 conn = c
-        if conn is None:
+        return conn
+
+    def _submit(self, req: _Req) -> int:
+        """Send ``req`` from a device's request handler: PENDING, DONE (nothing to
+        send), or OSError when libnbd refuses it at once (the handler fails the
+        request: a completion reported now would reach a request not yet pending)."""
+        conns = self.conns
+        conn = conns[0] if len(conns) == 1 else self._pick()
+        if conn is None or not conn.ready:
             if self._failing:
                 raise OSError(errno.EIO, f"{self.uri}: not connected")
             if self.watcher is None:
@@ -384,13 +437,17 @@ class NbdStorage:
             self._pending += 1
             return PENDING
         self._pending += 1
-        if not self._send(conn, req):
-            return PENDING
-        return PENDING
+        try:
+            return self._send(conn, req, True)
+        finally:
+            # A connection found dead may have failed requests that waited too long.
+            self._end_batch()
 
-    def _send(self, conn: _Conn, req: _Req) -> bool:
-        """Issue ``req``'s commands on ``conn``; False if the connection failed (the
-        request then waits for another)."""
+    def _send(self, conn: _Conn, req: _Req, inline: bool = False) -> int:
+        """Issue ``req``'s commands on ``conn``: PENDING (completion reported later,
+        also when the connection failed and the request waits for another). A request
+        ``inline`` from the handler that has nothing to send returns DONE, and one
+        libnbd refuses raises OSError; otherwise they are reported as completed."""
         h = conn.h
         cookies: list[int] = []
         try:
@@ -429,32 +486,39 @@ class NbdStorage:
                 conn.cmds.setdefault(-1, req)
                 self._drop(conn)
                 self._connect_more()
-                return False
+                return PENDING
             # Refused by libnbd itself (e.g. beyond the export): the request fails.
             req.error = _errno(e)
             if req.parts == 0:
+                if inline:
+                    self._pending -= 1
+                    raise OSError(req.error, f"{self.uri}: {e.string}") from None
                 self._finish(req, req.error)
-            return True
-        for c in cookies:
-            conn.cmds[c] = req
-        req.parts += len(cookies)
-        if not cookies:
-            self._finish(req, 0)
+            return PENDING
+        n = len(cookies)
+        if n == 1:
+            conn.cmds[cookies[0]] = req
+        else:
+            for c in cookies:
+                conn.cmds[c] = req
+            if not n:
+                if inline:
+                    self._pending -= 1
+                    return DONE
+                self._finish(req, 0)
+        req.parts += n
         if h.aio_is_dead() or h.aio_is_closed():
             # libnbd found the connection gone while sending (and closed its socket,
             # so the loop would never hear of it).
             self._drop(conn)
             self._connect_more()
-            return False
+            return PENDING
         conn.update_direction()
-        return True
+        return PENDING
 
     def _send_waiting(self) -> None:
         while self.waiting:
-            conn = None
-            for c in self.conns:
-                if c.ready and (conn is None or len(c.cmds) < len(conn.cmds)):
-                    conn = c
+            conn = self._pick()
             if conn is None:
                 return
             req = self.waiting.popleft()
