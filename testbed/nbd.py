@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -80,10 +81,19 @@ def nbd_argv(program: str, sock: Path, *args: str) -> list[str]:
     raise ValueError(f"unknown NBD server {program!r}")
 
 
-def serve_file(program: str, image: Path, sock: Path, log: Path | None = None) -> NbdServer:
-    """An NBD export of one image file (a raw image, writable)."""
+def serve_file(program: str, image: Path, sock: Path, log: Path | None = None,
+               nbdkit_filters: Sequence[str] = ()) -> NbdServer:
+    """An NBD export of one image file (a raw image, writable). ``nbdkit_filters``:
+    filters with their parameters, e.g. ``["delay", "wdelay=5ms"]`` (nbdkit only)."""
     if shutil.which(program) is None:
         raise FileNotFoundError(f"{program} is not installed (./scripts/install-deps "
                                 "installs it)")
-    args = ("file", str(image)) if program == "nbdkit" else (str(image),)
+    if nbdkit_filters and program != "nbdkit":
+        raise ValueError("filters are nbdkit's")
+    if program == "nbdkit":
+        names = [f"--filter={f}" for f in nbdkit_filters if "=" not in f]
+        params = [f for f in nbdkit_filters if "=" in f]
+        args: tuple[str, ...] = (*names, "file", str(image), *params)
+    else:
+        args = (str(image),)
     return NbdServer(nbd_argv(program, sock, *args), sock, log)
