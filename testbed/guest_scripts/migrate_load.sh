@@ -5,9 +5,11 @@
 # pattern and its offset: a lost write (stale data from an earlier round, which
 # checksummed blocks would accept) and a misplaced one both fail the verification.
 # Args: [seconds=30] [size per round=16M] [device=vda] [wt: switch to writethrough]
+#       [offset=0: where on the device the rounds write]
 seconds=${1:-30}
 size=${2:-16M}
 dev=${3:-vda}
+offset=${5:-0}
 
 if [ "$4" = wt ]; then
     # The driver writes the config's wce byte; the device must keep that mode.
@@ -29,7 +31,7 @@ while :; do
     # A different seed and pattern each round, so stale data from an earlier round
     # cannot pass.
     fio --name=mig --filename=/dev/"$dev" --rw=randwrite --bs=4k --size="$size" \
-        --ioengine=libaio --direct=1 --iodepth=8 --verify=pattern --verify_fatal=1 \
+        --offset="$offset" --ioengine=libaio --direct=1 --iodepth=8 --verify=pattern --verify_fatal=1 \
         --verify_pattern="$(pattern "$round")" \
         --randseed=$((round * 7919)) --do_verify=1 >/tmp/fio-mig.log 2>&1
     rc=$?
@@ -42,7 +44,7 @@ while :; do
 done
 # A last read-only pass over the final round's data.
 fio --name=mig --filename=/dev/"$dev" --rw=randwrite --bs=4k --size="$size" \
-    --ioengine=libaio --direct=1 --iodepth=8 --verify=pattern --verify_fatal=1 \
+    --offset="$offset" --ioengine=libaio --direct=1 --iodepth=8 --verify=pattern --verify_fatal=1 \
     --verify_pattern="$(pattern "$round")" \
     --randseed=$((round * 7919)) --verify_only >/tmp/fio-final.log 2>&1 || {
     cat /tmp/fio-final.log
