@@ -159,7 +159,8 @@ def test_missing_and_busy_destination_are_refused_before_starting(cluster: Clust
     args = ["15", "8M"]
     vm = cluster.boot(1, args)
     vm.wait_for("LOAD-ROUND 1 OK", TIMEOUT)
-    other = cluster.boot(2, args)  # a second guest keeps member 2 busy
+    # A second guest keeps member 2 busy; it writes elsewhere on the shared image.
+    other = cluster.boot(2, [*args, "vda", "wb", "64M"])
     other.wait_for("LOAD-ROUND 1 OK", TIMEOUT)
     dst, uri = cluster.incoming(2, args)
     with pytest.raises(MigrationError, match="member 5 does not exist"):

@@ -1,14 +1,16 @@
-"""Helpers of the storage backend tests: a small event loop, completions, NBD servers."""
+"""Helpers of the storage backend tests: a small event loop, completions, NBD servers
+(testbed.nbd, shared with the end-to-end tests and the demo)."""
 
 from __future__ import annotations
 
-import os
 import select
-import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
+
+from testbed.nbd import NbdServer
+
+__all__ = ["Completions", "Loop", "NbdServer"]
 
 
 class Loop:
@@ -52,37 +54,3 @@ class Completions:
     def __call__(self, token: Any, error: int) -> None:
         assert token not in self.done, f"token {token} completed twice"
         self.done[token] = error
-
-
-class NbdServer:
-    """nbdkit or qemu-nbd on a unix socket, restartable on the same socket."""
-
-    def __init__(self, argv: list[str], sock: Path) -> None:
-        self.argv = argv
-        self.sock = sock
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///?socket={self.sock}"
-
-    def start(self) -> None:
-        if self.sock.exists():
-            self.sock.unlink()
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not self.sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.argv[0]} did not start")
-            time.sleep(0.01)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, sig)

@@ -223,6 +223,14 @@ async def migrate(source_qmp: str, dest_qmp: str, uri: str, move: OwnerMove | No
                          f"{summary.parts_ms:.1f} ms); continuing")
                 await src.execute("migrate-continue", {"state": "pre-switchover"})
             elif status == "completed":
+                # QEMU reports "completed" a moment before it has computed the
+                # times (they read 0 meanwhile): ask again briefly.
+                for _ in range(20):
+                    if info.get("total-time"):
+                        break
+                    await asyncio.sleep(0.05)
+                    info = await _status(src)
+                ram = info.get("ram", {})
                 summary.total_ms = info.get("total-time", 0)
                 summary.downtime_ms = info.get("downtime", 0)
                 summary.setup_ms = info.get("setup-time", 0)
