@@ -19,6 +19,11 @@ class StorageBackend(Protocol):
 
     read_only: bool
     on_complete: Completion
+    # Called after a burst of ``on_complete`` calls delivered together, when the backend
+    # sets ``batches_completions``: the device may then publish its used entries once
+    # per burst instead of once per completion. Backends without it never call it.
+    batches_completions: bool
+    on_batch_end: Callable[[], None]
 
     def size(self) -> int:
         """The store's size in bytes, as last learnt (never a network round trip)."""
@@ -54,3 +59,7 @@ class StorageBackend(Protocol):
 
 def ignore_completion(token: Any, error: int) -> None:
     """The completion callback before a device installs its own."""
+
+
+def ignore_batch_end() -> None:
+    """The batch-end callback before a device installs its own."""

@@ -293,8 +293,8 @@ class Ring:
         while head != tail:
             user_data, res, _flags = unpack(cq, base + (head & mask) * 16)
             head = (head + 1) & 0xFFFFFFFF
-            token, _keep = slots[user_data]
-            slots[user_data] = None
+            token = slots[user_data][0]
+            slots[user_data] = None  # drops the buffers' references
             free.append(user_data)
             done.append((token, res))
             n += 1
