@@ -120,6 +120,12 @@ class BlkDevice:
         self.queue_stats = [QueueStats() for _ in range(self.num_queues)]
         self._queues: list[tuple[SplitVirtqueue, dict[int, _Pending], QueueStats]] = []
         storage.on_complete = self._on_complete
+        # Storage that reports completions in bursts: publish used entries (and signal
+        # the driver) once per burst and queue, not once per request.
+        self._publish_each = not getattr(storage, "batches_completions", False)
+        self._unpublished: list[SplitVirtqueue] = []
+        if not self._publish_each:
+            storage.on_batch_end = self._publish_batch
         self._no_status = RateLimitedLog(log)
         self._error_log = RateLimitedLog(log)
         self._tracer = RateLimitedLog(logging.getLogger("vhostd.trace"),
@@ -490,14 +496,28 @@ class BlkDevice:
         except (ValueError, IndexError):
             # Guest memory gone: the ring stopped without waiting (it drops the
             # completion, and the inflight region keeps the request for a restart).
-            queue.complete(head, 1)
+            self._complete(queue, head, 1)
             return
         elapsed = time.monotonic_ns() - p.t0
         stats.completed(p.op, p.nbytes if ok else 0, ok, elapsed)
         if self.options.trace_rate > 0:
             self._trace_line(queue.name, head, p.rtype, p.sector, p.nbytes,
                              S_OK if ok else S_IOERR, elapsed, "completed later")
-        queue.complete(head, p.used if ok else 1)
+        self._complete(queue, head, p.used if ok else 1)
+
+    def _complete(self, queue: SplitVirtqueue, head: int, used: int) -> None:
+        if self._publish_each:
+            queue.complete(head, used)
+            return
+        queue.complete(head, used, publish=False)
+        if queue not in self._unpublished:
+            self._unpublished.append(queue)
+
+    def _publish_batch(self) -> None:
+        """The storage delivered a burst of completions: publish each queue's once."""
+        queues, self._unpublished = self._unpublished, []
+        for queue in queues:
+            queue.publish()
 
     def _io_error(self, queue: SplitVirtqueue, rtype: int, sector: int, err: int) -> None:
         self.io_errors += 1
