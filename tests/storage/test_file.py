@@ -214,3 +214,47 @@ def test_worker_spec_shares_the_file(image: Path, aio: str, loop: Loop) -> None:
             w.close()
     finally:
         s.close()
+
+
+def test_aio_choice_without_io_uring(image: Path, monkeypatch: pytest.MonkeyPatch,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Where io_uring is refused (kernel, sysctl, seccomp), the default falls back to
+    threads with one INFO line, and an explicit aio=io_uring is a one-line error."""
+    from vhostd.storage import file as file_mod
+
+    monkeypatch.setattr(file_mod, "_uring_reason", [])
+    monkeypatch.setattr(uring, "unavailable", lambda: "io_uring is disabled on this host")
+    with caplog.at_level("INFO", logger="vhostd.storage.file"):
+        s = FileStorage(str(image))
+        s.close()
+        s = FileStorage(str(image))
+        s.close()
+    assert s.aio == "threads"
+    lines = [r for r in caplog.records if "io_uring is disabled" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "INFO"
+    with pytest.raises(file_mod.AioUnavailable, match="aio=io_uring: io_uring is disabled"):
+        FileStorage(str(image), aio="io_uring")
+    with pytest.raises(ValueError):
+        FileStorage(str(image), aio="posix")
+
+
+def test_short_transfers_go_on(image: Path, aio: str, loop: Loop) -> None:
+    """A read that meets the end of the file part way fails (EIO) after the kernel
+    returned part of it; a vectored read of many segments completes whole."""
+    s = FileStorage(str(image), aio=aio)
+    try:
+        done = started(s, loop)
+        drop_cache(image)
+        tail = bytearray(8192)
+        assert s.readv([memoryview(tail)], SIZE - 4096, "tail") == PENDING
+        segs = [bytearray(512) for _ in range(64)]
+        r = s.readv([memoryview(b) for b in segs], 1 << 20, "segs")
+        loop.run_until(lambda: "tail" in done.done and (r == DONE or "segs" in done.done))
+        assert done.done["tail"] == errno.EIO
+        assert done.done.get("segs", 0) == 0
+        data = image.read_bytes()
+        assert tail[:4096] == data[SIZE - 4096:]
+        assert b"".join(segs) == data[1 << 20:(1 << 20) + 64 * 512]
+        assert s.in_flight() == 0
+    finally:
+        s.close()
