@@ -307,7 +307,10 @@ class FileStorage:
         comes back to the eventfd goes in one system call."""
         if not ring.in_kernel:
             ring.submit()
-        elif not self._rung:
+            if not ring.queued:
+                return
+            # The kernel took none (short of memory): try again from the loop.
+        if not self._rung:
             self._rung = True
             os.eventfd_write(ring.efd, 1)
 
