@@ -1,11 +1,13 @@
 """Storage backends without a guest: IOPS and CPU per request of 4 KiB random reads.
 
     python benchmarks/storage_bench.py [--size-mib 1024] [--seconds 3] [--dir /var/tmp]
+                                       [--aio threads,io_uring] [--modes cached,cold,direct]
 
 Modes: ``cached`` (buffered, page cache warm: the inline RWF_NOWAIT path), ``cold``
-(buffered, page cache dropped: misses go to the thread pool) and ``direct`` (O_DIRECT:
-every read through the pool), each at queue depth 1 and 32, driven from one epoll loop
-as the daemon drives them. CPU is this process's user+system time per request.
+(buffered, page cache dropped: misses go to the slow path) and ``direct`` (O_DIRECT:
+every read through the slow path), each at queue depth 1 and 32 and with each slow path
+(``--aio``: the thread pool, io_uring), driven from one epoll loop as the daemon drives
+them. CPU is this process's user+system time per request.
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ def drop(path: Path) -> None:
     os.close(fd)
 
 
-def run(path: Path, mode: str, qd: int, seconds: float, size: int) -> tuple[float, float]:
-    s = FileStorage(str(path), direct=mode == "direct")
+def run(path: Path, mode: str, qd: int, seconds: float, size: int,
+        aio: str | None = None) -> tuple[float, float]:
+    s = FileStorage(str(path), direct=mode == "direct", aio=aio)
     loop = Loop()
     s.start(loop)
     if mode == "cached":
@@ -101,6 +104,8 @@ def main() -> int:
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--dir", default="/var/tmp")
+    p.add_argument("--aio", default="threads,io_uring", help="slow paths to compare")
+    p.add_argument("--modes", default="cached,cold,direct")
     args = p.parse_args()
     size = args.size_mib << 20
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
@@ -109,11 +114,12 @@ def main() -> int:
         with open(path, "wb") as f:
             for _ in range(args.size_mib):
                 f.write(chunk)
-        print(f"{'mode':8} {'QD':>3} {'IOPS':>9} {'CPU/req':>9}")
-        for mode in ("cached", "cold", "direct"):
-            for qd in (1, 32):
-                iops, cpu = run(path, mode, qd, args.seconds, size)
-                print(f"{mode:8} {qd:3} {iops:9.0f} {cpu:7.1f}us", flush=True)
+        print(f"{'mode':8} {'aio':9} {'QD':>3} {'IOPS':>9} {'CPU/req':>9}")
+        for mode in args.modes.split(","):
+            for aio in args.aio.split(","):
+                for qd in (1, 32):
+                    iops, cpu = run(path, mode, qd, args.seconds, size, aio)
+                    print(f"{mode:8} {aio:9} {qd:3} {iops:9.0f} {cpu:7.1f}us", flush=True)
     return 0
 
 

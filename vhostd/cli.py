@@ -31,7 +31,7 @@ from .shell.server import StartupError, adopt_listening_fd, bind_unix
 from .shell.systemd import ActivationError, ListenFds, Notifier, listen_fds
 from .shell.worker import WorkerProcess
 from .storage.base import StorageBackend
-from .storage.file import FileStorage
+from .storage.file import AIO_KINDS, AioUnavailable, FileStorage
 from .storage.nbd import NbdError, NbdStorage
 from .vhost_user.handler import VhostUserHandler
 from .vhost_user.member import Member
@@ -127,10 +127,11 @@ class MemberSpec:
     blk_nbd: str | None = None
     direct: bool = False
     reconnect_delay: float | None = None
+    aio: str | None = None
 
 
 _MEMBER_KEYS = {"socket-path", "blk-file", "blk-nbd", "read-only", "num-queues", "queue-size",
-                "serial", "direct", "reconnect-delay"}
+                "serial", "direct", "reconnect-delay", "aio"}
 
 
 def parse_member(text: str) -> MemberSpec:
@@ -152,6 +153,12 @@ def parse_member(text: str) -> MemberSpec:
         raise argparse.ArgumentTypeError("direct= applies to blk-file= only")
     if "reconnect-delay" in opts and not opts.get("blk-nbd"):
         raise argparse.ArgumentTypeError("reconnect-delay= applies to blk-nbd= only")
+    if "aio" in opts:
+        if opts.get("blk-nbd"):
+            raise argparse.ArgumentTypeError("aio= applies to blk-file= only")
+        if opts["aio"] not in AIO_KINDS:
+            raise argparse.ArgumentTypeError(f"aio={opts['aio']}: expected one of "
+                                             f"{', '.join(AIO_KINDS)}")
     return MemberSpec(
         socket_path=opts.get("socket-path", ""), blk_file=opts.get("blk-file") or None,
         blk_nbd=opts.get("blk-nbd") or None,
@@ -162,6 +169,7 @@ def parse_member(text: str) -> MemberSpec:
         num_queues=_positive(opts.get("num-queues", "1")),
         queue_size=_positive(opts.get("queue-size", "1024")),
         serial=opts.get("serial", ""),
+        aio=opts.get("aio"),
     )
 
 
@@ -196,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direct", action="store_true",
                    help="open image files with O_DIRECT (no host page cache; like QEMU's "
                         "cache.direct=on)")
+    p.add_argument("--aio", choices=AIO_KINDS, default=None,
+                   help="how image files wait for the disk: io_uring (the default, when the "
+                        "kernel allows it; else threads) or a pool of threads")
     p.add_argument("--reconnect-delay", type=_seconds, default=10.0, metavar="S",
                    help="NBD: how long requests wait for a lost server to come back before "
                         "they fail (default 10)")
@@ -208,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                    type=parse_member,
                    help="add a member device managed by an owner device on --socket-path: "
                         "socket-path=PATH,blk-file=FILE|blk-nbd=URI[,read-only=on]"
-                        "[,direct=on][,reconnect-delay=S][,num-queues=N][,queue-size=N]"
+                        "[,direct=on][,aio=io_uring|threads][,reconnect-delay=S][,num-queues=N][,queue-size=N]"
                         "[,serial=ID] (repeat; members are 1..N in order; without "
                         "socket-path= the member's socket comes from systemd)")
     p.add_argument("--read-only", action="store_true", help="serve the image read-only")
@@ -285,7 +296,8 @@ def _setup_logging(level: str) -> None:
 
 
 def _open_storage(path: str | None, uri: str | None, read_only: bool, direct: bool,
-                  reconnect_delay: float, connections: int) -> StorageBackend:
+                  reconnect_delay: float, connections: int,
+                  aio: str | None = None) -> StorageBackend:
     if uri is not None:
         try:
             return NbdStorage(uri, read_only=read_only, reconnect_delay=reconnect_delay,
@@ -294,7 +306,9 @@ def _open_storage(path: str | None, uri: str | None, read_only: bool, direct: bo
             raise StartupError(str(e)) from e
     assert path is not None
     try:
-        return FileStorage(path, read_only=read_only, direct=direct)
+        return FileStorage(path, read_only=read_only, direct=direct, aio=aio)
+    except AioUnavailable as e:
+        raise StartupError(str(e)) from e
     except OSError as e:
         raise StartupError(f"cannot open {path}{' with O_DIRECT' if direct else ''}: "
                            f"{e.strerror}") from e
@@ -360,12 +374,14 @@ def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
                            "device)")
     if args.direct and args.blk_nbd:
         raise StartupError("--direct applies to --blk-file only")
+    if args.aio and args.blk_nbd:
+        raise StartupError("--aio applies to --blk-file only")
     if args.state_dir and not os.path.isdir(args.state_dir):
         raise StartupError(f"--state-dir {args.state_dir} is not a directory")
     disk = None
     if args.blk_file or args.blk_nbd:
         storage = _open_storage(args.blk_file, args.blk_nbd, args.read_only, args.direct,
-                                args.reconnect_delay, args.num_queues)
+                                args.reconnect_delay, args.num_queues, args.aio)
         disk = _blk_device("blk0" if not args.member else "owner-disk", storage, BlkOptions(
                                num_queues=args.num_queues,
                                queue_size=args.queue_size,
@@ -385,7 +401,7 @@ def _make_endpoints(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
         storage = _open_storage(
             spec.blk_file, spec.blk_nbd, spec.read_only, spec.direct or args.direct,
             args.reconnect_delay if spec.reconnect_delay is None else spec.reconnect_delay,
-            spec.num_queues)
+            spec.num_queues, spec.aio or args.aio)
         device = _blk_device(f"member{i}", storage, BlkOptions(
             num_queues=spec.num_queues, queue_size=spec.queue_size,
             logical_block_size=args.logical_block_size, serial=spec.serial,

@@ -1,4 +1,5 @@
-"""File storage: the inline fast path, the thread pool, O_DIRECT with bounce buffers."""
+"""File storage: the inline fast path, the slow paths (thread pool and io_uring),
+O_DIRECT with bounce buffers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from storage_support import Completions, Loop
 
+from vhostd.storage import uring
 from vhostd.storage.base import DONE, PENDING
 from vhostd.storage.file import FileStorage
 
@@ -23,10 +25,22 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(params=["threads", "io_uring"])
+def aio(request: pytest.FixtureRequest) -> str:
+    """Every test runs over both slow paths."""
+    if request.param == "io_uring":
+        why = uring.unavailable()
+        if why is not None:
+            pytest.skip(why)
+    return str(request.param)
+
+
 def started(storage: FileStorage, loop: Loop) -> Completions:
     done = Completions()
     storage.on_complete = done
     storage.start(loop)
+    # The slow path asked for is the one running.
+    assert (storage.ring is not None) == (storage.aio == "io_uring")
     return done
 
 
@@ -39,8 +53,8 @@ def drop_cache(path: Path) -> None:
         os.close(fd)
 
 
-def test_page_cache_hit_reads_inline(image: Path, loop: Loop) -> None:
-    s = FileStorage(str(image))
+def test_page_cache_hit_reads_inline(image: Path, aio: str, loop: Loop) -> None:
+    s = FileStorage(str(image), aio=aio)
     try:
         done = started(s, loop)
         buf = bytearray(8192)
@@ -51,8 +65,8 @@ def test_page_cache_hit_reads_inline(image: Path, loop: Loop) -> None:
         s.close()
 
 
-def test_page_cache_miss_completes_later(image: Path, loop: Loop) -> None:
-    s = FileStorage(str(image))
+def test_page_cache_miss_completes_later(image: Path, aio: str, loop: Loop) -> None:
+    s = FileStorage(str(image), aio=aio)
     try:
         done = started(s, loop)
         drop_cache(image)
@@ -72,8 +86,8 @@ def test_page_cache_miss_completes_later(image: Path, loop: Loop) -> None:
         s.close()
 
 
-def test_writes_flush_discard_and_zeroes(image: Path, loop: Loop) -> None:
-    s = FileStorage(str(image))
+def test_writes_flush_discard_and_zeroes(image: Path, aio: str, loop: Loop) -> None:
+    s = FileStorage(str(image), aio=aio)
     try:
         done = started(s, loop)
         blob = os.urandom(4096 + 512)
@@ -94,8 +108,8 @@ def test_writes_flush_discard_and_zeroes(image: Path, loop: Loop) -> None:
         s.close()
 
 
-def test_read_past_the_end_fails(image: Path, loop: Loop) -> None:
-    s = FileStorage(str(image))
+def test_read_past_the_end_fails(image: Path, aio: str, loop: Loop) -> None:
+    s = FileStorage(str(image), aio=aio)
     try:
         done = started(s, loop)
         r = s.readv([memoryview(bytearray(4096))], SIZE, "eof")
@@ -106,8 +120,8 @@ def test_read_past_the_end_fails(image: Path, loop: Loop) -> None:
         s.close()
 
 
-def test_read_only_write_fails_inline_or_later(image: Path, loop: Loop) -> None:
-    s = FileStorage(str(image), read_only=True)
+def test_read_only_write_fails_inline_or_later(image: Path, aio: str, loop: Loop) -> None:
+    s = FileStorage(str(image), aio=aio, read_only=True)
     try:
         done = started(s, loop)
         try:
@@ -122,8 +136,8 @@ def test_read_only_write_fails_inline_or_later(image: Path, loop: Loop) -> None:
         s.close()
 
 
-def test_without_a_loop_everything_is_inline(image: Path) -> None:
-    s = FileStorage(str(image))
+def test_without_a_loop_everything_is_inline(image: Path, aio: str) -> None:
+    s = FileStorage(str(image), aio=aio)
     try:
         blob = os.urandom(1000)
         assert s.writev([memoryview(blob)], 3, None) == DONE
@@ -137,9 +151,9 @@ def test_without_a_loop_everything_is_inline(image: Path) -> None:
 
 @pytest.mark.parametrize("case", ["aligned", "unaligned-memory", "odd-length-segments",
                                   "unaligned-offset", "read-only-buffer"])
-def test_direct_transfers(image: Path, loop: Loop, case: str) -> None:
+def test_direct_transfers(image: Path, aio: str, loop: Loop, case: str) -> None:
     try:
-        s = FileStorage(str(image), direct=True)
+        s = FileStorage(str(image), aio=aio, direct=True)
     except OSError as e:
         pytest.skip(f"no O_DIRECT here: {e}")
     try:
@@ -185,17 +199,62 @@ def test_direct_transfers(image: Path, loop: Loop, case: str) -> None:
         s.close()
 
 
-def test_worker_spec_shares_the_file(image: Path, loop: Loop) -> None:
-    s = FileStorage(str(image), direct=False)
+def test_worker_spec_shares_the_file(image: Path, aio: str, loop: Loop) -> None:
+    s = FileStorage(str(image), aio=aio, direct=False)
     try:
         spec, fds = s.worker_spec()
         w = FileStorage.from_spec(spec, [os.dup(fd) for fd in fds])
         try:
+            assert w.aio == aio  # the worker's own ring or pool, of the same kind
             assert w.writev([memoryview(b"x" * 4096)], 0, None) == DONE
             buf = bytearray(4096)
             assert s.readv([memoryview(buf)], 0, None) == DONE
             assert buf == b"x" * 4096
         finally:
             w.close()
+    finally:
+        s.close()
+
+
+def test_aio_choice_without_io_uring(image: Path, monkeypatch: pytest.MonkeyPatch,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Where io_uring is refused (kernel, sysctl, seccomp), the default falls back to
+    threads with one INFO line, and an explicit aio=io_uring is a one-line error."""
+    from vhostd.storage import file as file_mod
+
+    monkeypatch.setattr(file_mod, "_uring_reason", [])
+    monkeypatch.setattr(uring, "unavailable", lambda: "io_uring is disabled on this host")
+    with caplog.at_level("INFO", logger="vhostd.storage.file"):
+        s = FileStorage(str(image))
+        s.close()
+        s = FileStorage(str(image))
+        s.close()
+    assert s.aio == "threads"
+    lines = [r for r in caplog.records if "io_uring is disabled" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "INFO"
+    with pytest.raises(file_mod.AioUnavailable, match="aio=io_uring: io_uring is disabled"):
+        FileStorage(str(image), aio="io_uring")
+    with pytest.raises(ValueError):
+        FileStorage(str(image), aio="posix")
+
+
+def test_short_transfers_go_on(image: Path, aio: str, loop: Loop) -> None:
+    """A read that meets the end of the file part way fails (EIO) after the kernel
+    returned part of it; a vectored read of many segments completes whole."""
+    s = FileStorage(str(image), aio=aio)
+    try:
+        done = started(s, loop)
+        drop_cache(image)
+        tail = bytearray(8192)
+        assert s.readv([memoryview(tail)], SIZE - 4096, "tail") == PENDING
+        segs = [bytearray(512) for _ in range(64)]
+        r = s.readv([memoryview(b) for b in segs], 1 << 20, "segs")
+        loop.run_until(lambda: "tail" in done.done and (r == DONE or "segs" in done.done))
+        assert done.done["tail"] == errno.EIO
+        assert done.done.get("segs", 0) == 0
+        data = image.read_bytes()
+        assert tail[:4096] == data[SIZE - 4096:]
+        assert b"".join(segs) == data[1 << 20:(1 << 20) + 64 * 512]
+        assert s.in_flight() == 0
     finally:
         s.close()

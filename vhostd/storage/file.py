@@ -17,7 +17,11 @@ inline only where it cannot wait for the disk:
   length is not aligned is made through a second, buffered descriptor (the kernel
   keeps the two coherent: a direct read writes back dirty cached pages first).
 
-The slow path is a thread pool (storage/threads.py). Before :meth:`FileStorage.start`
+The slow path is io_uring (storage/uring.py: requests go from guest memory to the
+kernel without a thread or a copy, submitted in batches) or a thread pool
+(storage/threads.py), chosen by ``aio`` (``--aio``); without io_uring (kernel or
+policy) the default falls back to threads. Discard and write-zeroes always use the
+thread pool (they are rare and take several calls). Before :meth:`FileStorage.start`
 gives it an event loop, everything completes inline, blocking if it must.
 """
 
@@ -29,12 +33,14 @@ import errno
 import logging
 import mmap
 import os
+import select
 import time
 from collections.abc import Callable
 from typing import Any
 
 from ..engine.loop import FdWatcher
-from .base import DONE, PENDING, Completion, ignore_completion
+from . import uring
+from .base import DONE, PENDING, Completion, ignore_batch_done, ignore_completion
 from .threads import ThreadPool
 
 log = logging.getLogger(__name__)
@@ -60,6 +66,40 @@ PAGE = mmap.PAGESIZE
 THROTTLED_NS = 1_000_000
 THROTTLE_BACKOFF_NS = 1_000_000_000
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+AIO_KINDS = ("threads", "io_uring")
+# The default slow path (measured: docs/performance.md) when io_uring is available.
+DEFAULT_AIO = "io_uring"
+# Submission entries per ring (the completion ring has twice as many); a request that
+# finds the ring full goes to the thread pool.
+RING_ENTRIES = 256
+
+
+class AioUnavailable(Exception):
+    """The slow path asked for cannot be used here (a one-line reason)."""
+
+
+_uring_reason: list[str | None] = []  # memo of uring.unavailable()
+
+
+def choose_aio(aio: str | None) -> str:
+    """The slow path to use: ``aio`` if it works here (AioUnavailable if it was asked
+    for and does not), or the default, falling back to threads with one INFO line."""
+    if aio is not None and aio not in AIO_KINDS:
+        raise ValueError(f"aio={aio!r}: expected one of {', '.join(AIO_KINDS)}")
+    want = aio or DEFAULT_AIO
+    if want == "threads":
+        return want
+    if not _uring_reason:
+        _uring_reason.append(uring.unavailable())
+        if _uring_reason[0] is not None and aio is None:
+            log.info("%s; file storage uses a thread pool instead", _uring_reason[0])
+    why = _uring_reason[0]
+    if why is None:
+        return "io_uring"
+    if aio is not None:
+        raise AioUnavailable(f"aio=io_uring: {why}")
+    return "threads"
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -131,14 +171,19 @@ def direct_alignment(fd: int) -> int:
 class FileStorage:
     """A raw image file (regular file or block device)."""
 
+    batches_completions = True
+
     def __init__(self, path: str, read_only: bool = False, fd: int | None = None,
-                 direct: bool = False, buffered_fd: int | None = None) -> None:
+                 direct: bool = False, buffered_fd: int | None = None,
+                 aio: str | None = None) -> None:
         """Open ``path``, or adopt ``fd`` (already open on it, e.g. passed to a queue
         worker process, so both processes serve the very same file; with ``direct``
-        also ``buffered_fd``)."""
+        also ``buffered_fd``). ``aio``: the slow path, ``threads`` or ``io_uring``
+        (None: the default; AioUnavailable if io_uring is asked for and cannot run)."""
         self.path = path
         self.read_only = read_only
         self.direct = direct
+        self.aio = choose_aio(aio)
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         self.fd = os.open(path, flags | (os.O_DIRECT if direct else 0)) if fd is None else fd
         self.bfd = self.fd  # buffered descriptor: the same one unless direct
@@ -154,7 +199,11 @@ class FileStorage:
         self.punch_hole = True
         self.zero_range = True
         self.on_complete: Completion = ignore_completion
+        self.on_batch_done: Callable[[], None] = ignore_batch_done
         self.pool: ThreadPool | None = None
+        self.ring: uring.Ring | None = None
+        self._rung = False  # the ring's eventfd was written to submit a batch
+        self._watcher: FdWatcher | None = None
         self._slow_writes_until = 0
         self._nowait_reads = bool(_RWF_NOWAIT)
         self._nowait_writes = False
@@ -183,25 +232,166 @@ class FileStorage:
     def describe(self) -> str:
         how = "O_DIRECT" if self.direct else (
             "buffered, RWF_NOWAIT reads" if self._nowait_reads else "buffered")
-        return f"{self.path} ({how})"
+        return f"{self.path} ({how}, {self.aio})"
 
     # ---- lifecycle ---------------------------------------------------------------
     def start(self, watcher: FdWatcher) -> None:
         if self.pool is None:
             self.pool = ThreadPool(os.path.basename(self.path) or "file")
             self.pool.start(watcher, self._report)
+            self.pool.batch_end = self._batch_end
+        if self.aio == "io_uring" and self.ring is None:
+            # Each process serving queues (the main one, every queue worker) has its
+            # own ring, made here on its own loop.
+            ring = uring.Ring(RING_ENTRIES)
+            try:
+                efd = ring.register_eventfd()
+                ring.report = self._ring_done
+                watcher.add_reader(efd, self._ring_ready)
+            except BaseException:
+                ring.close()
+                raise
+            self.ring = ring
+            self._watcher = watcher
 
     def _report(self, token: Any, error: int) -> None:
         self.on_complete(token, error)
 
+    def _batch_end(self) -> None:
+        self.on_batch_done()
+
     def in_flight(self) -> int:
-        return self.pool.pending if self.pool is not None else 0
+        n = self.pool.pending if self.pool is not None else 0
+        if self.ring is not None:
+            n += self.ring.in_kernel + self.ring.queued
+        return n
 
     def poll(self, timeout: float) -> None:
         """Block up to ``timeout`` seconds for completions (a ring that must come to
         rest at once); they are reported as usual."""
-        if self.pool is not None:
+        ring = self.ring
+        if ring is not None and (ring.in_kernel or ring.queued):
+            ring.submit()
+            fds = [ring.efd]
+            if self.pool is not None and self.pool.pending:
+                fds.append(self.pool._efd)
+            select.select(fds, [], [], timeout)
+            self._ring_ready()
+            if self.pool is not None and self.pool.pending:
+                self.pool.poll(0)
+        elif self.pool is not None:
             self.pool.poll(timeout)
+
+    # ---- io_uring --------------------------------------------------------------------
+    def _ring_ready(self) -> None:
+        """The ring's eventfd: completions were posted, or a batch waits to be
+        submitted (see :meth:`_ring_submit`)."""
+        ring = self.ring
+        if ring is None:
+            return
+        try:
+            os.eventfd_read(ring.efd)
+        except BlockingIOError:
+            pass
+        self._rung = False
+        if ring.queued:
+            ring.submit()
+        if ring.reap():
+            if ring.queued:  # rest of short transfers, flushes of writethrough
+                ring.submit()
+            self.on_batch_done()
+
+    def _ring_submit(self, ring: uring.Ring) -> None:
+        """Submit now when nothing is at the disk (a lone request waits for nobody);
+        else ring the eventfd once, so that every request the loop takes before it
+        comes back to the eventfd goes in one system call."""
+        if not ring.in_kernel:
+            ring.submit()
+            if not ring.queued:
+                return
+            # The kernel took none (short of memory): try again from the loop.
+        if not self._rung:
+            self._rung = True
+            os.eventfd_write(ring.efd, 1)
+
+    def _ring_rw(self, ring: uring.Ring, fd: int, iov: list[memoryview], offset: int,
+                 token: Any, write: bool, bounce: mmap.mmap | None = None) -> bool:
+        """Queue a transfer on the ring; False if it cannot take it (full, or a
+        read-only buffer it cannot address) and the caller must use the pool."""
+        if ring.space() < 1:
+            ring.submit()
+            if ring.space() < 1:
+                return False
+        op = _RingOp(token, fd, iov, offset, write, bounce)
+        try:
+            if bounce is not None:
+                view = memoryview(bounce)
+                op.want = len(view)
+                ring.prep_rw(write, fd, uring.address(view), len(view), offset, op, view)
+            elif len(iov) == 1:
+                b = iov[0]
+                op.want = len(b)
+                ring.prep_rw(write, fd, uring.address(b), len(b), offset, op, None)
+            else:
+                if len(iov) > IOV_MAX:
+                    return False
+                arr, _ = uring.pack_iovecs(iov)
+                op.want = sum(map(len, iov))
+                ring.prep_rwv(write, fd, arr, len(iov), offset, op, None)
+        except TypeError:
+            return False  # read-only guest buffer
+        self._ring_submit(ring)
+        return True
+
+    def _ring_done(self, op: Any, res: int) -> None:
+        if type(op) is not _RingOp:
+            self.on_complete(op, -res if res < 0 else 0)  # a flush: op is the token
+            return
+        if res < 0:
+            self._ring_finish(op, -res)
+            return
+        if res == op.want:
+            self._ring_finish(op, 0)
+            return
+        if res == 0:
+            self._ring_finish(op, errno.EIO)  # past the end of the file
+            return
+        # A short transfer: the rest goes in again (views of the same buffers).
+        op.offset += res
+        if op.bounce is not None:
+            view = memoryview(op.bounce)[op.done + res:op.done + op.want]
+            op.done += res
+            op.want -= res
+            ring = self.ring
+            assert ring is not None
+            ring.prep_rw(op.write, op.fd, uring.address(view), len(view), op.offset, op, view)
+            return
+        op.iov = _rest(op.iov, res)
+        ring = self.ring
+        assert ring is not None
+        if not self._ring_rw(ring, op.fd, op.iov, op.offset, op.token, op.write):
+            assert self.pool is not None
+            fd, iov, offset, write = op.fd, op.iov, op.offset, op.write
+            self.pool.submit(lambda: transfer(fd, iov, offset, write), op.token)
+
+    def _ring_finish(self, op: _RingOp, error: int) -> None:
+        bounce = op.bounce
+        if bounce is not None:
+            if not error and not op.write:
+                view = memoryview(bounce)
+                pos = 0
+                try:
+                    for b in op.iov:
+                        b[:] = view[pos:pos + len(b)]
+                        pos += len(b)
+                except (ValueError, IndexError):
+                    error = errno.EFAULT  # guest memory went away meanwhile
+                view.release()
+            try:
+                bounce.close()
+            except BufferError:
+                pass  # a view of it is still alive somewhere: freed with it
+        self.on_complete(op.token, error)
 
     def size(self) -> int:
         return os.lseek(self.fd, 0, os.SEEK_END)
@@ -212,15 +402,23 @@ class FileStorage:
     def worker_spec(self) -> tuple[dict[str, Any], list[int]]:
         fds = [self.fd, self.bfd] if self.direct else [self.fd]
         return {"kind": "file", "path": self.path, "read_only": self.read_only,
-                "direct": self.direct}, fds
+                "direct": self.direct, "aio": self.aio}, fds
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], fds: list[int]) -> FileStorage:
         direct = bool(spec.get("direct"))
+        aio = spec.get("aio")
         return cls(str(spec["path"]), bool(spec["read_only"]), fd=fds[0], direct=direct,
-                   buffered_fd=fds[1] if direct else None)
+                   buffered_fd=fds[1] if direct else None,
+                   aio=str(aio) if aio is not None else None)
 
     def close(self) -> None:
+        if self.ring is not None:
+            if self._watcher is not None and self.ring.efd >= 0:
+                self._watcher.remove_reader(self.ring.efd)
+            self._watcher = None
+            self.ring.close()
+            self.ring = None
         if self.pool is not None:
             self.pool.close()
             self.pool = None
@@ -259,6 +457,9 @@ class FileStorage:
                 transfer(self.fd, _rest(iov, got), offset + got, False)
             return DONE
         fd = self.fd
+        ring = self.ring
+        if ring is not None and self._ring_rw(ring, fd, iov, offset, token, False):
+            return PENDING
         return self._slow(lambda: transfer(fd, iov, offset, False), token)
 
     def writev(self, iov: list[memoryview], offset: int, token: Any) -> int:
@@ -289,23 +490,46 @@ class FileStorage:
                 if t1 - t0 > THROTTLED_NS and self.pool is not None:
                     self._slow_writes_until = t1 + THROTTLE_BACKOFF_NS
                 return DONE
+        ring = self.ring
+        if ring is not None and self._ring_rw(ring, fd, iov, offset, token, True):
+            return PENDING
         return self._slow(lambda: transfer(fd, iov, offset, True), token)
 
     def _direct(self, iov: list[memoryview], offset: int, token: Any, write: bool) -> int:
         align = self.align
         mask = align - 1
         want = sum(map(len, iov))
+        ring = self.ring
         if (offset | want) & mask:
             fd = self.bfd  # no whole blocks: the buffered descriptor
+            if ring is not None and self._ring_rw(ring, fd, iov, offset, token, write):
+                return PENDING
             return self._slow(lambda: transfer(fd, iov, offset, write), token)
         fd = self.fd
         for b in iov:
             if len(b) & mask or _address(b) & mask:
+                if ring is not None and want:
+                    bounce = mmap.mmap(-1, want)
+                    if write:
+                        _gather(bounce, iov)
+                    if self._ring_rw(ring, fd, iov, offset, token, write, bounce):
+                        return PENDING
+                    bounce.close()
                 return self._slow(lambda: _bounced(fd, iov, offset, want, write), token)
+        if ring is not None and self._ring_rw(ring, fd, iov, offset, token, write):
+            return PENDING
         return self._slow(lambda: transfer(fd, iov, offset, write), token)
 
     def flush(self, token: Any) -> int:
         fd = self.fd
+        ring = self.ring
+        if ring is not None:
+            if ring.space() < 1:
+                ring.submit()
+            if ring.space() >= 1:
+                ring.prep_fsync(fd, True, token)
+                self._ring_submit(ring)
+                return PENDING
         return self._slow(lambda: os.fdatasync(fd), token)
 
     def discard(self, offset: int, length: int, token: Any) -> int:
@@ -352,6 +576,33 @@ class FileStorage:
             view.release()
         finally:
             chunk.close()
+
+
+class _RingOp:
+    """A transfer on the ring: what a short one needs to go on, and its bounce
+    buffer (O_DIRECT with unaligned guest buffers)."""
+
+    __slots__ = ("bounce", "done", "fd", "iov", "offset", "token", "want", "write")
+
+    def __init__(self, token: Any, fd: int, iov: list[memoryview], offset: int, write: bool,
+                 bounce: mmap.mmap | None) -> None:
+        self.token = token
+        self.fd = fd
+        self.iov = iov
+        self.offset = offset
+        self.write = write
+        self.bounce = bounce
+        self.want = 0
+        self.done = 0
+
+
+def _gather(bounce: mmap.mmap, iov: list[memoryview]) -> None:
+    view = memoryview(bounce)
+    pos = 0
+    for b in iov:
+        view[pos:pos + len(b)] = b
+        pos += len(b)
+    view.release()
 
 
 def _bounced(fd: int, iov: list[memoryview], offset: int, want: int, write: bool) -> None:

@@ -2,8 +2,11 @@
 
 ``os.preadv``/``os.pwritev``/``os.fdatasync`` release the GIL, so threads can keep
 many requests at the disk at once while the event loop goes on. A finished job is
-appended to a deque and the loop is woken through an eventfd it watches; the loop
-drains the whole deque per wake-up and reports each completion on its own thread.
+appended to a deque and the loop is woken through an eventfd it watches, written only
+when the loop is not already due to wake (one wake-up and one system call for a burst
+of completions, not one each); the loop drains the whole deque per wake-up, reports
+each completion on its own thread, then calls ``batch_end`` once (the device publishes
+its used entries there, once per burst).
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ class ThreadPool:
         self._threads: list[threading.Thread] = []
         self.pending = 0  # submitted, not yet reported
         self.report: Callable[[Any, int], None] | None = None
+        self.batch_end: Callable[[], None] = _nothing
+        # Set by a thread that woke the loop, cleared by the loop before it drains: a
+        # thread that finds it set leaves the wake-up to the one that set it.
+        self._signalled = False
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._watcher: FdWatcher | None = None
 
@@ -77,22 +84,32 @@ class ThreadPool:
                 log.exception("%s: storage job failed", self.name)
                 err = 5  # EIO
             done.append((token, err))
-            try:
-                os.eventfd_write(efd, 1)
-            except OSError:
-                pass  # closed at shutdown
+            if not self._signalled:
+                self._signalled = True
+                try:
+                    os.eventfd_write(efd, 1)
+                except OSError:
+                    pass  # closed at shutdown
 
     def _drain(self) -> None:
+        # Consume the wake-up, then clear the flag: a job that ends after the flag is
+        # cleared wakes the loop again, one that ended before is in the deque drained
+        # below. (Clearing before the read could eat the wake-up of a job whose flag
+        # stays set, and the next job would not signal.)
         try:
             os.eventfd_read(self._efd)
         except BlockingIOError:
             pass
+        self._signalled = False
         done = self._done
+        if not done:
+            return
         report = self.report
         while done:
             token, err = done.popleft()
             self.pending -= 1
             report(token, err)  # type: ignore[misc]
+        self.batch_end()
 
     def poll(self, timeout: float) -> None:
         """Block up to ``timeout`` seconds for completions and report them."""
@@ -112,3 +129,7 @@ class ThreadPool:
             t.join()
         self._threads = []
         os.close(self._efd)
+
+
+def _nothing() -> None:
+    """No batch-end hook installed."""
