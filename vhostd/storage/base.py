@@ -20,7 +20,8 @@ class StorageBackend(Protocol):
     read_only: bool
     on_complete: Completion
     # A backend that reports several completions in one loop turn (NBD: every reply
-    # one read of the socket brought) may say so with ``batches_completions = True``:
+    # one read of the socket brought; files: one drain of the thread pool or of the
+    # io_uring completion queue) may say so with ``batches_completions = True``:
     # after each run of ``on_complete`` calls it then calls ``on_batch_done()`` once,
     # before it returns to the loop, and the device publishes the run's used entries
     # and signals the driver once. Without it, every completion is published alone.
