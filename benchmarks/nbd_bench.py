@@ -25,47 +25,20 @@ import mmap
 import os
 import pstats
 import random
-import select
 import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import nbd
 
+from vhostd.shell.worker import EpollLoop
 from vhostd.storage.base import PENDING
 from vhostd.storage.nbd import NbdStorage
 
 SIZE = 256 << 20
 BLOCK = 4096
-
-
-class Loop:
-    """The smallest FdWatcher: an epoll loop, as a queue worker runs."""
-
-    def __init__(self) -> None:
-        self.ep = select.epoll()
-        self.cb: dict[int, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
-
-    def add_reader(self, fd: int, cb: Callable[..., Any], *args: Any) -> None:
-        if fd in self.cb:
-            self.ep.modify(fd, select.EPOLLIN)
-        else:
-            self.ep.register(fd, select.EPOLLIN)
-        self.cb[fd] = (cb, args)
-
-    def remove_reader(self, fd: int) -> None:
-        if self.cb.pop(fd, None) is not None:
-            self.ep.unregister(fd)
-
-    def once(self) -> None:
-        for fd, _ in self.ep.poll(1.0):
-            entry = self.cb.get(fd)
-            if entry is not None:
-                entry[0](*entry[1])
 
 
 def nbdkit(sock: Path, delay: str) -> subprocess.Popen[bytes]:
@@ -89,7 +62,7 @@ Result = tuple[float, float, float]  # IOPS, mean latency (us), CPU per request 
 
 def run_vhostd(uri: str, qd: int, seconds: float) -> Result:
     s = NbdStorage(uri)
-    loop = Loop()
+    loop = EpollLoop()
     ram = mmap.mmap(-1, qd * BLOCK)
     bufs = [memoryview(ram)[i * BLOCK:(i + 1) * BLOCK] for i in range(qd)]
     rnd = random.Random(1)
@@ -115,9 +88,9 @@ def run_vhostd(uri: str, qd: int, seconds: float) -> Result:
             started[i] = clock()
             if s.readv([bufs[i]], rnd.randrange(blocks) * BLOCK, i) != PENDING:
                 raise AssertionError("NBD reads complete later")
-        loop.once()
+        loop.run_once(1.0)
     while len(free) < qd:
-        loop.once()
+        loop.run_once(1.0)
     t1, c1 = time.monotonic(), os.times()
     for b in bufs:
         b.release()

@@ -16,32 +16,13 @@ import argparse
 import mmap
 import os
 import random
-import select
 import tempfile
 import time
 from pathlib import Path
 
+from vhostd.shell.worker import EpollLoop
 from vhostd.storage.base import PENDING
 from vhostd.storage.file import FileStorage
-
-
-class Loop:
-    def __init__(self) -> None:
-        self.ep = select.epoll()
-        self.cb: dict[int, object] = {}
-
-    def add_reader(self, fd: int, cb, *args) -> None:
-        self.ep.register(fd, select.EPOLLIN)
-        self.cb[fd] = (cb, args)
-
-    def remove_reader(self, fd: int) -> None:
-        self.ep.unregister(fd)
-        del self.cb[fd]
-
-    def once(self) -> None:
-        for fd, _ in self.ep.poll(1.0):
-            cb, args = self.cb[fd]  # type: ignore[misc]
-            cb(*args)
 
 
 def drop(path: Path) -> None:
@@ -54,7 +35,7 @@ def drop(path: Path) -> None:
 def run(path: Path, mode: str, qd: int, seconds: float, size: int,
         aio: str | None = None) -> tuple[float, float]:
     s = FileStorage(str(path), direct=mode == "direct", aio=aio)
-    loop = Loop()
+    loop = EpollLoop()
     s.start(loop)
     if mode == "cached":
         with open(path, "rb") as f:
@@ -87,9 +68,9 @@ def run(path: Path, mode: str, qd: int, seconds: float, size: int,
                 if len(free) == qd and done % 64 == 0 and time.monotonic() - t0 > seconds:
                     break
         if len(free) < qd:
-            loop.once()
+            loop.run_once(1.0)
     while len(free) < qd:
-        loop.once()
+        loop.run_once(1.0)
     t1, c1 = time.monotonic(), os.times()
     for b in bufs:
         b.release()

@@ -360,24 +360,28 @@ class EpollLoop:
 
     def run_forever(self) -> None:
         self.running = True
-        poll = self.epoll.poll
-        readers = self.readers
-        soon = self.soon
         while self.running:
+            self.run_once(0 if self.soon else -1)
+
+    def run_once(self, timeout: float) -> None:
+        """One turn: the fds ready within ``timeout`` seconds (-1: until one is), then
+        the callbacks scheduled so far."""
+        try:
+            events = self.epoll.poll(timeout)
+        except InterruptedError:
+            return
+        readers = self.readers
+        for fd, _ in events:
+            entry = readers.get(fd)  # an earlier callback may have removed it
+            if entry is not None:
+                entry[0](*entry[1])
+        soon = self.soon
+        for _ in range(len(soon)):
+            callback, args = soon.popleft()
             try:
-                events = poll(0 if soon else -1)
-            except InterruptedError:
-                continue
-            for fd, _ in events:
-                entry = readers.get(fd)  # an earlier callback may have removed it
-                if entry is not None:
-                    entry[0](*entry[1])
-            for _ in range(len(soon)):
-                callback, args = soon.popleft()
-                try:
-                    callback(*args)
-                except Exception:
-                    log.exception("internal error in a scheduled callback")
+                callback(*args)
+            except Exception:
+                log.exception("internal error in a scheduled callback")
 
 
 class WorkerMain:

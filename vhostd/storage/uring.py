@@ -306,13 +306,6 @@ class Ring:
             report(token, res)  # type: ignore[misc]
         return n
 
-    def wait(self, timeout: float) -> None:
-        """Block up to ``timeout`` seconds for a completion (needs the eventfd)."""
-        self.submit()
-        if self.in_kernel and _U32.unpack_from(self._cq, self._cq_head)[0] == \
-                _U32.unpack_from(self._cq, self._cq_tail)[0]:
-            select.select([self.efd], [], [], timeout)
-
 
 def pack_iovecs(iov: list[Any]) -> tuple[bytearray, list[Any]]:
     """The struct iovec array of ``iov`` (writable buffers) and what keeps it valid."""
