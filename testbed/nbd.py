@@ -54,6 +54,20 @@ class NbdServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def returncode(self) -> str:
+        """How the server ended, for a person: "exit 1", "signal 11", or "running"."""
+        rc = self.proc.poll() if self.proc is not None else None
+        if rc is None:
+            return "running"
+        return f"signal {-rc}" if rc < 0 else f"exit {rc}"
+
+    def log_tail(self, lines: int = 20) -> str:
+        if self.log is None or not self.log.exists():
+            return "(no log)"
+        if self._log is not None:
+            self._log.flush()
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
     def kill(self) -> None:
         """SIGKILL: the server vanishes without a word to its clients."""
         if self.proc is not None and self.proc.poll() is None:

@@ -489,3 +489,27 @@ def test_request_through_a_split_ring(blk: BlkDevice, ram: GuestRam) -> None:
     assert ring.used_elems() == [(0, 1025)]
     assert ram.read(0xFF00, 256) + ram.read(0x10000, 768) == pattern(4, 2)
     assert ram.read(0x4100, 1) == bytes([S_OK])
+
+
+# ---- requests the storage holds for long --------------------------------------------
+
+
+class HeldFlushes(FileStorage):
+    """A file whose flushes never come back (a disk or server that stopped answering)."""
+
+    def flush(self, token: object) -> int:
+        return 1  # PENDING, and no completion will ever be reported
+
+
+def test_a_request_held_by_the_storage_is_named_once(image: Path) -> None:
+    dev = BlkDevice("blk0", HeldFlushes(str(image)), BlkOptions())
+    try:
+        assert run(dev, [hdr(T_FLUSH)], [1])[0] < 0  # PENDING: at the storage
+        assert dev.overdue(60 * 10**9) == []  # not yet long enough
+        lines = dev.overdue(0)
+        assert len(lines) == 2, lines
+        assert "head 0: flush at sector 0 not completed by the storage" in lines[0]
+        assert lines[1].startswith("storage: ") and str(image) in lines[1]
+        assert dev.overdue(0) == []  # named once, not at every look
+    finally:
+        dev.storage.close()

@@ -125,6 +125,7 @@ class BlkDevice:
         # published, and the driver signalled, once per queue then.
         self._batched = bool(getattr(storage, "batches_completions", False))
         self._unpublished: list[SplitVirtqueue] = []
+        self._named_unpublished: set[int] = set()  # rings overdue() named so
         if self._batched:
             storage.on_batch_done = self._publish_batch  # type: ignore[attr-defined]
         self._no_status = RateLimitedLog(log)
@@ -524,6 +525,31 @@ class BlkDevice:
         while queues:
             queues.pop().publish()
 
+    def overdue(self, older_than_ns: int) -> list[str]:
+        """A line for each request the storage has held longer than ``older_than_ns``
+        and that no earlier call named, and one for each ring whose completed requests
+        wait to be published; the storage's own state closes a non-empty list."""
+        now = time.monotonic_ns()
+        lines = []
+        for queue, pending, _stats in self._queues:
+            for head, p in pending.items():
+                if p.overdue or now - p.t0 < older_than_ns:
+                    continue
+                p.overdue = True
+                kind = _TYPE_NAMES.get(p.rtype, f"type {p.rtype}")
+                lines.append(f"{queue.name} head {head}: {kind} at sector {p.sector} not "
+                             f"completed by the storage after {(now - p.t0) / 1e9:.0f} s")
+        named = self._named_unpublished
+        named.intersection_update(id(q) for q in self._unpublished)
+        for queue in self._unpublished:
+            if id(queue) not in named:
+                named.add(id(queue))
+                lines.append(f"{queue.name}: completed requests not yet published (used "
+                             f"idx {queue.used_idx})")
+        if lines:
+            lines.append(f"storage: {self.storage.state()}")
+        return lines
+
     def _io_error(self, queue: SplitVirtqueue, rtype: int, sector: int, err: int) -> None:
         self.io_errors += 1
         self._error_log.log(logging.ERROR, "%s: request type %d at sector %d failed: %s",
@@ -621,8 +647,8 @@ class BlkDevice:
 class _Pending:
     """A request whose storage operations complete later."""
 
-    __slots__ = ("error", "nbytes", "op", "parts", "rtype", "sector", "status", "t0",
-                 "then_flush", "used")
+    __slots__ = ("error", "nbytes", "op", "overdue", "parts", "rtype", "sector", "status",
+                 "t0", "then_flush", "used")
 
     def __init__(self, status: memoryview, used: int, op: int, nbytes: int, t0: int,
                  rtype: int, sector: int) -> None:
@@ -636,6 +662,7 @@ class _Pending:
         self.parts = 1
         self.error = 0
         self.then_flush = False
+        self.overdue = False  # logged as overdue (once)
 
 
 _FLUSH_TOKEN = 0xFFFF_FFFF << 16  # the flush before writethrough; no request waits

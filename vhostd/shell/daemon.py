@@ -23,6 +23,10 @@ log = logging.getLogger("vhostd")
 # How long SIGTERM waits for requests still at the storage before exiting anyway (they
 # stay in the inflight region, and a restarted vhostd serves them again).
 STOP_GRACE_SECONDS = 2.0
+# A request the storage has held this long is logged (once) with the storage's state:
+# a guest waiting on it sees a hung disk, and the log says where the request is.
+OVERDUE_SECONDS = 30.0
+OVERDUE_SWEEP_SECONDS = 5.0
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.servers = [DeviceServer(loop, ep.handler, ep.sock, ep.path) for ep in endpoints]
         self.workers = workers or []
+        self._sweep: asyncio.TimerHandle | None = None
         # Called once every socket is watched and the signal handlers are in place.
         self.on_ready: Callable[[], None] | None = None
         for server in self.servers:
@@ -109,6 +114,26 @@ class Daemon:
     def set_log_level(self, level: str) -> None:
         logging.getLogger().setLevel(level.upper())
 
+    def _sweep_overdue(self) -> None:
+        """Name requests the storage has held for :data:`OVERDUE_SECONDS` (rings this
+        process serves; a queue worker's are its own)."""
+        self._sweep = None
+        for server in self.servers:
+            dev = server.handler.device
+            for d in (dev, getattr(dev, "disk", None)):
+                overdue = getattr(d, "overdue", None)
+                if overdue is None:
+                    continue
+                try:
+                    lines = overdue(int(OVERDUE_SECONDS * 1e9))
+                except Exception:
+                    server.log.exception("internal error looking for overdue requests")
+                    continue
+                for line in lines:
+                    server.log.warning("overdue: %s", line)
+        if not self.stopping.is_set():
+            self._sweep = self.loop.call_later(OVERDUE_SWEEP_SECONDS, self._sweep_overdue)
+
     def report_state(self) -> None:
         """SIGUSR1: every device's rings, one log line each, read where they run."""
         for server in self.servers:
@@ -138,9 +163,12 @@ class Daemon:
             server.log.info("listening on %s", server.path or f"fd {server.sock.fileno()}")
         if self.on_ready is not None:
             self.on_ready()
+        self._sweep = loop.call_later(OVERDUE_SWEEP_SECONDS, self._sweep_overdue)
         try:
             await self.stopping.wait()
         finally:
+            if self._sweep is not None:
+                self._sweep.cancel()
             log.info("shutting down")
             # Stopping already: a repeated SIGTERM (a supervisor, a test harness) must
             # neither cut the drain short nor turn a clean exit into death by signal.

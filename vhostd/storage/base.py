@@ -48,6 +48,10 @@ class StorageBackend(Protocol):
     def in_flight(self) -> int:
         """Operations submitted and not yet completed."""
 
+    def state(self) -> str:
+        """One line on where operations are now (the log names it beside a request the
+        storage has held for long)."""
+
     def refresh_size(self, done: Callable[[int], None]) -> None:
         """Learn the size again (SIGHUP); ``done(error)`` follows, perhaps inline."""
 

@@ -266,6 +266,17 @@ class FileStorage:
             n += self.ring.in_kernel + self.ring.queued
         return n
 
+    def state(self) -> str:
+        """What is at the kernel and the threads now (the overdue watchdog's line)."""
+        parts = [self.describe()]
+        ring = self.ring
+        if ring is not None:
+            parts.append(f"io_uring {ring.queued} queued, {ring.in_kernel} in the kernel, "
+                         f"doorbell {'rung' if self._rung else 'quiet'}")
+        if self.pool is not None:
+            parts.append(f"thread pool {self.pool.pending} pending")
+        return "; ".join(parts)
+
     def poll(self, timeout: float) -> None:
         """Block up to ``timeout`` seconds for completions (a ring that must come to
         rest at once); they are reported as usual."""
@@ -300,6 +311,11 @@ class FileStorage:
             if ring.queued:  # rest of short transfers, flushes of writethrough
                 ring.submit()
             self.on_batch_done()
+        if ring.queued and not self._rung:
+            # The kernel took none for now (EAGAIN: short of memory); nothing else
+            # would bring the loop back here if nothing is in the kernel either.
+            self._rung = True
+            os.eventfd_write(ring.efd, 1)
 
     def _ring_submit(self, ring: uring.Ring) -> None:
         """Submit now when nothing is at the disk (a lone request waits for nobody);

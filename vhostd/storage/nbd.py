@@ -556,6 +556,13 @@ class NbdStorage:
     def in_flight(self) -> int:
         return self._pending
 
+    def state(self) -> str:
+        """Where the requests are now (the overdue watchdog's line)."""
+        up = sum(1 for c in self.conns if c.ready)
+        at_server = sum(len(c.cmds) for c in self.conns)
+        return (f"{self.describe()}; {self._pending} in flight, {at_server} at the server; "
+                f"{up} of {len(self.conns)} connections up")
+
     def poll(self, timeout: float) -> None:
         """Block up to ``timeout`` seconds for the connections (a ring that must come
         to rest at once); completions are reported as usual."""
