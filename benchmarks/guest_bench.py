@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 
 from testbed.guest import GuestImage, build_guest
 from testbed.qemu import GuestVM, StorageDaemon, VhostUserBlkDisk
+from testbed.unixsock import accepts
 
 JOBS = ["randread32", "randwrite32", "randread1", "seqread128k", "mq2"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -198,7 +199,7 @@ class NbdKit:
              f"rdelay={NBD_DELAY}", f"wdelay={NBD_DELAY}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while not sock.exists():
+        while not accepts(sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("nbdkit did not start")
             time.sleep(0.02)

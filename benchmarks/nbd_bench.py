@@ -33,6 +33,7 @@ from pathlib import Path
 
 import nbd
 
+from testbed.unixsock import accepts
 from vhostd.shell.worker import EpollLoop
 from vhostd.storage.base import PENDING
 from vhostd.storage.nbd import NbdStorage
@@ -50,7 +51,7 @@ def nbdkit(sock: Path, delay: str) -> subprocess.Popen[bytes]:
         argv += [f"rdelay={delay}"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
-    while not sock.exists():
+    while not accepts(sock):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError("nbdkit did not start")
         time.sleep(0.02)

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+from testbed.unixsock import accepts
+
 NBD_PROGRAMS = ("qemu-nbd", "nbdkit")
 
 
@@ -46,7 +48,7 @@ class NbdServer:
         out = self._log if self._log is not None else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.argv, stdout=out, stderr=out)
         deadline = time.monotonic() + 10
-        while not self.sock.exists():
+        while not accepts(self.sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{self.argv[0]} did not start: {' '.join(self.argv)}")
             time.sleep(0.01)

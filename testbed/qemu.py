@@ -33,6 +33,7 @@ from testbed.qemu_select import (
     reconnect_option,
 )
 from testbed.qemu_select import version as qemu_version
+from testbed.unixsock import accepts
 
 RESULT_RE = re.compile(r"VHOSTD-RESULT: (PASS|FAIL(?: (-?\d+))?)")
 
@@ -256,7 +257,7 @@ class GuestVM:
         if self.qmp is None:
             raise ValueError("this guest has no QMP socket")
         deadline = time.monotonic() + timeout
-        while not self.qmp.exists():
+        while not accepts(self.qmp):
             if self.proc is not None and self.proc.poll() is not None:
                 raise GuestError(f"QEMU exited with {self.proc.returncode}:\n{self.tail()}")
             if time.monotonic() > deadline:
@@ -434,7 +435,7 @@ class StorageDaemon:
             self.cmdline(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + self.timeout
-        while not self.socket.exists():
+        while not accepts(self.socket):
             if self.proc.poll() is not None:
                 raise GuestError(
                     f"qemu-storage-daemon exited (rc={self.proc.returncode}):\n{self.output()}"

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from testbed.unixsock import accepts
 from vhostd.frontend.blk import BlkFrontend
 from vhostd.frontend.client import VhostUserClient
 from vhostd_proto.vhost_user import VHOST_USER_F_PROTOCOL_FEATURES
@@ -35,7 +36,7 @@ class Qsd:
             stdout=self._log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 5
-        while not self.sock.exists():
+        while not accepts(self.sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"qemu-storage-daemon did not start:\n{self.log}")
