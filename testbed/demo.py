@@ -179,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         error = str(e)
         say(f"FAILED: {e}")
     finally:
+        if not ok:
+            # Before anything stops: every ring's state into the logs (printed below).
+            for d in daemons:
+                if d.poll() is None:
+                    d.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
         src.kill()
         dst.kill()
         for d in daemons:
@@ -219,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     say(f"  image             {st.st_size // MiB} MiB, {st.st_blocks * 512 // MiB} MiB "
         f"allocated")
     say(f"  wall time         {time.monotonic() - t0:.1f} s")
+    if not ok:
+        notable = [line for line in log.splitlines()
+                   if " INFO " not in line or "state:" in line or "overdue" in line]
+        say("vhostd's warnings, errors and ring state at the failure:")
+        for line in notable[-60:]:
+            say(f"  {line}")
     if args.keep:
         say(f"  logs and image in {workdir}")
     elif args.workdir is None:

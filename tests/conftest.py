@@ -82,8 +82,30 @@ def sparse_image(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Iterator[None]:
+    """Keep each phase's report on the item, so fixtures can tell a failed test."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+def _explain(p: VhostdProcess) -> None:
+    """A failed test: ask a running vhostd for its rings' state (SIGUSR1) and print
+    what its log says beyond INFO, with that state (pytest shows it with the failure)."""
+    if p.alive():
+        p.signal(signal.SIGUSR1)
+        time.sleep(0.5)
+    lines = [line for line in p.log.splitlines()
+             if " INFO " not in line or "state:" in line or "overdue" in line]
+    print(f"--- {p.log_path.name}: warnings, errors and ring state ---")
+    print("\n".join(lines[-80:]))
+
+
 @pytest.fixture
-def vhostd(tmp_path: Path) -> Iterator[Callable[..., VhostdProcess]]:
+def vhostd(tmp_path: Path, request: pytest.FixtureRequest
+           ) -> Iterator[Callable[..., VhostdProcess]]:
     """Start vhostd with extra args; it is stopped (and checked) at teardown."""
     started: list[VhostdProcess] = []
 
@@ -100,6 +122,10 @@ def vhostd(tmp_path: Path) -> Iterator[Callable[..., VhostdProcess]]:
         return p
 
     yield start
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        for p in started:
+            _explain(p)
     for p in started:
         rc = p.stop()
         p.assert_healthy()

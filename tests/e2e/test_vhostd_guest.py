@@ -132,6 +132,6 @@ def test_readme_demo_runs(tmp_path: Path) -> None:
     """The README's main command ends in the demo tool: it must pass end to end."""
     r = subprocess.run([sys.executable, "-m", "testbed.demo", "--seconds", "8"],
                        capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert r.returncode == 0, r.stdout[-12000:] + r.stderr[-2000:]
     assert "PASS: every round verified" in r.stdout
     assert re.search(r"downtime\s+\d+ ms", r.stdout)
