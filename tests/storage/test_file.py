@@ -258,3 +258,44 @@ def test_short_transfers_go_on(image: Path, aio: str, loop: Loop) -> None:
         assert s.in_flight() == 0
     finally:
         s.close()
+
+
+def test_a_walk_submits_its_requests_together(image: Path, loop: Loop,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a virtqueue walk the first request goes to the kernel at once (nothing
+    else is there to wait for it) and the rest at the walk's end, in one system call,
+    without a round through the loop; every one completes with the right data."""
+    why = uring.unavailable()
+    if why is not None:
+        pytest.skip(why)
+    s = FileStorage(str(image), aio="io_uring", direct=True)
+    try:
+        done = started(s, loop)
+        ring = s.ring
+        assert ring is not None
+        calls: list[int] = []
+        real = ring.submit
+
+        def submit(wait: int = 0) -> int:
+            calls.append(ring.queued)
+            return real(wait)
+
+        monkeypatch.setattr(ring, "submit", submit)
+        ram = mmap.mmap(-1, 8 * 4096)
+        views = [memoryview(ram)[i * 4096:(i + 1) * 4096] for i in range(8)]
+        s.walk_begin()
+        for i, v in enumerate(views):
+            assert s.readv([v], i * 4096, i) == PENDING
+        assert calls == [1] and ring.queued == 7
+        s.walk_end()
+        assert calls == [1, 7] and ring.queued == 0
+        assert not s._rung  # no doorbell: the loop had nothing to do for it
+        loop.run_until(lambda: len(done.done) == 8)
+        data = image.read_bytes()
+        for i, v in enumerate(views):
+            assert done.done[i] == 0
+            assert bytes(v) == data[i * 4096:(i + 1) * 4096]
+            v.release()
+        ram.close()
+    finally:
+        s.close()

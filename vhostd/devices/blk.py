@@ -340,6 +340,11 @@ class BlkDevice:
         read_only = storage.read_only
         qname = queue.name
         queue.status_tail = True  # the status byte ends every request's writable part
+        walk_begin = getattr(storage, "walk_begin", None)
+        if walk_begin is not None:
+            # The storage submits what one walk of the ring took together.
+            queue.walk_begin = walk_begin
+            queue.walk_end = storage.walk_end  # type: ignore[attr-defined]
         index = queue.index
         stats = QueueStats()
         if index < len(self.queue_stats):

@@ -172,6 +172,10 @@ class SplitVirtqueue:
         self.outstanding = 0  # requests the device completes later (handler said PENDING)
         self.quiescing = False  # take no new chains: a stop waits for the outstanding ones
         self._idle_waiters: list[Callable[[], None]] = []
+        # Called around each walk of the ring (the device's make_handler sets them): a
+        # storage that queues submissions hands a walk's worth to the kernel at once.
+        self.walk_begin: Callable[[], None] | None = None
+        self.walk_end: Callable[[], None] | None = None
 
     # ---- moving between processes (queue workers) ----------------------------
     # A ring at rest (every taken chain completed and published) is fully described
@@ -448,6 +452,17 @@ class SplitVirtqueue:
         """Drain every available chain, then publish and signal once."""
         if not self.ready:
             return
+        begin = self.walk_begin
+        if begin is not None:
+            begin()
+            try:
+                self._process()
+            finally:
+                self.walk_end()  # type: ignore[misc]
+        else:
+            self._process()
+
+    def _process(self) -> None:
         if self._resubmit:
             self.resubmit()
             if not self.ready:

@@ -27,6 +27,10 @@ class StorageBackend(Protocol):
     # and signals the driver once. Without it, every completion is published alone.
     # batches_completions: bool  (optional, False when absent)
     # on_batch_done: Callable[[], None]
+    #
+    # A backend that queues submissions may also offer ``walk_begin()`` and
+    # ``walk_end()``: the device has each virtqueue walk call them around the requests
+    # it takes, and the backend submits the walk's requests together at its end.
 
     def size(self) -> int:
         """The store's size in bytes, as last learnt (never a network round trip)."""

@@ -203,6 +203,7 @@ class FileStorage:
         self.pool: ThreadPool | None = None
         self.ring: uring.Ring | None = None
         self._rung = False  # the ring's eventfd was written to submit a batch
+        self._walking = 0  # inside a walk of a virtqueue: its end submits (walk_end)
         self._watcher: FdWatcher | None = None
         self._slow_writes_until = 0
         self._nowait_reads = bool(_RWF_NOWAIT)
@@ -319,15 +320,32 @@ class FileStorage:
 
     def _ring_submit(self, ring: uring.Ring) -> None:
         """Submit now when nothing is at the disk (a lone request waits for nobody);
-        else ring the eventfd once, so that every request the loop takes before it
-        comes back to the eventfd goes in one system call."""
+        else leave it queued: the end of the virtqueue walk that took it submits every
+        request the walk took in one system call (:meth:`walk_end`). Outside a walk,
+        ring the eventfd once: the loop submits when it comes back to it."""
         if not ring.in_kernel:
             ring.submit()
             if not ring.queued:
                 return
             # The kernel took none (short of memory): try again from the loop.
+        elif self._walking:
+            return
         if not self._rung:
             self._rung = True
+            os.eventfd_write(ring.efd, 1)
+
+    def walk_begin(self) -> None:
+        """A virtqueue walk begins: requests it takes are submitted at its end."""
+        self._walking += 1
+
+    def walk_end(self) -> None:
+        self._walking -= 1
+        ring = self.ring
+        if self._walking or ring is None or not ring.queued:
+            return
+        ring.submit()
+        if ring.queued and not self._rung:
+            self._rung = True  # the kernel took none: try again from the loop
             os.eventfd_write(ring.efd, 1)
 
     def _ring_rw(self, ring: uring.Ring, fd: int, iov: list[memoryview], offset: int,
