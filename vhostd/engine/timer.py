@@ -1,4 +1,4 @@
-"""A one-shot timer on a timerfd, watched like any other fd.
+"""Timers on a timerfd, watched like any other fd: one-shot, and periodic.
 
 The event loop's own timers (uvloop) have millisecond resolution; a ring that lets
 the driver batch its kicks (virtqueue.py, "kick batching") needs a fallback look at
@@ -71,3 +71,23 @@ class OneShotTimer:
         self.watcher.remove_reader(self.fd)
         os.close(self.fd)
         self.fd = -1
+
+
+class PeriodicTimer(OneShotTimer):
+    """Calls ``callback`` every ``period_us`` microseconds from :meth:`arm` until
+    :meth:`disarm`."""
+
+    def __init__(self, watcher: FdWatcher, callback: Callable[[], None], period_us: int) -> None:
+        super().__init__(watcher, callback, period_us)
+        self._spec.it_interval.tv_sec = self._spec.it_value.tv_sec
+        self._spec.it_interval.tv_nsec = self._spec.it_value.tv_nsec
+        self._off = _Itimerspec()
+        self.armed = False
+
+    def arm(self) -> None:
+        super().arm()
+        self.armed = True
+
+    def disarm(self) -> None:
+        _timerfd_settime(self.fd, 0, ctypes.byref(self._off), None)
+        self.armed = False

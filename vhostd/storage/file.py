@@ -39,6 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..engine.loop import FdWatcher
+from ..engine.timer import PeriodicTimer
 from . import uring
 from .base import DONE, PENDING, Completion, ignore_batch_done, ignore_completion
 from .threads import ThreadPool
@@ -73,6 +74,9 @@ DEFAULT_AIO = "io_uring"
 # Submission entries per ring (the completion ring has twice as many); a request that
 # finds the ring full goes to the thread pool.
 RING_ENTRIES = 256
+# How often a ring with operations in the kernel is looked at for completions the
+# kernel parked in its overflow list (they bump no eventfd): rare, so a slow look.
+RING_SWEEP_US = 50_000
 
 
 class AioUnavailable(Exception):
@@ -204,6 +208,7 @@ class FileStorage:
         self.ring: uring.Ring | None = None
         self._rung = False  # the ring's eventfd was written to submit a batch
         self._walking = 0  # inside a walk of a virtqueue: its end submits (walk_end)
+        self._sweep: PeriodicTimer | None = None  # looks for parked completions
         self._watcher: FdWatcher | None = None
         self._slow_writes_until = 0
         self._nowait_reads = bool(_RWF_NOWAIT)
@@ -246,10 +251,14 @@ class FileStorage:
             # own ring, made here on its own loop.
             ring = uring.Ring(RING_ENTRIES)
             try:
+                self._sweep = PeriodicTimer(watcher, self._ring_sweep, RING_SWEEP_US)
                 efd = ring.register_eventfd()
                 ring.report = self._ring_done
                 watcher.add_reader(efd, self._ring_ready)
             except BaseException:
+                if self._sweep is not None:
+                    self._sweep.close()
+                    self._sweep = None
                 ring.close()
                 raise
             self.ring = ring
@@ -273,7 +282,8 @@ class FileStorage:
         ring = self.ring
         if ring is not None:
             parts.append(f"io_uring {ring.queued} queued, {ring.in_kernel} in the kernel, "
-                         f"doorbell {'rung' if self._rung else 'quiet'}")
+                         f"doorbell {'rung' if self._rung else 'quiet'}, completions "
+                         f"fetched from the overflow list {ring.overflow_flushes} time(s)")
         if self.pool is not None:
             parts.append(f"thread pool {self.pool.pending} pending")
         return "; ".join(parts)
@@ -323,6 +333,9 @@ class FileStorage:
         else leave it queued: the end of the virtqueue walk that took it submits every
         request the walk took in one system call (:meth:`walk_end`). Outside a walk,
         ring the eventfd once: the loop submits when it comes back to it."""
+        sweep = self._sweep
+        if sweep is not None and not sweep.armed:
+            sweep.arm()
         if not ring.in_kernel:
             ring.submit()
             if not ring.queued:
@@ -333,6 +346,17 @@ class FileStorage:
         if not self._rung:
             self._rung = True
             os.eventfd_write(ring.efd, 1)
+
+    def _ring_sweep(self) -> None:
+        """Every :data:`RING_SWEEP_US` while operations are in the kernel: completions
+        the kernel parked in its overflow list bump no eventfd, so look for them."""
+        ring = self.ring
+        if ring is None:
+            return
+        if ring.overflowed():
+            self._ring_ready()
+        if not (ring.in_kernel or ring.queued) and self._sweep is not None:
+            self._sweep.disarm()
 
     def walk_begin(self) -> None:
         """A virtqueue walk begins: requests it takes are submitted at its end."""
@@ -447,6 +471,9 @@ class FileStorage:
                    aio=str(aio) if aio is not None else None)
 
     def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.close()
+            self._sweep = None
         if self.ring is not None:
             if self._watcher is not None and self.ring.efd >= 0:
                 self._watcher.remove_reader(self.ring.efd)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import mmap
 import os
 import select
@@ -38,6 +39,7 @@ IORING_OFF_CQ_RING = 0x8000000
 IORING_OFF_SQES = 0x10000000
 
 IORING_ENTER_GETEVENTS = 1 << 0
+IORING_SQ_CQ_OVERFLOW = 1 << 1  # in the SQ ring's flags
 IORING_REGISTER_EVENTFD = 4
 IORING_FEAT_NODROP = 1 << 1
 
@@ -59,6 +61,8 @@ SQE = struct.Struct("<BBHiQQIIQHHiQQ")
 CQE = struct.Struct("<QiI")
 _U32 = struct.Struct("<I")
 IOVEC = struct.Struct("<QQ")
+
+log = logging.getLogger("vhostd.storage")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _syscall = _libc.syscall
@@ -116,6 +120,7 @@ class Ring:
         self._slots: list[Any] = []
         self.in_kernel = 0  # submitted, not yet reaped
         self.queued = 0  # prepared, not yet submitted
+        self.overflow_flushes = 0  # times completions had to be fetched from the kernel
         self.fd = _sys(SYS_IO_URING_SETUP, ctypes.c_uint(entries), pbuf)
         try:
             self._map(params)
@@ -130,7 +135,7 @@ class Ring:
         f = _PARAMS.unpack(params)
         sq_entries, cq_entries, _flags = f[0], f[1], f[2]
         self.features = f[5]
-        sq_head, sq_tail, sq_mask, _sq_n, _sq_flags, _dropped, sq_array = f[10:17]
+        sq_head, sq_tail, sq_mask, _sq_n, sq_flags, _dropped, sq_array = f[10:17]
         cq_head, cq_tail, cq_mask, _cq_n, _overflow, cqes = f[19:25]
         prot = mmap.PROT_READ | mmap.PROT_WRITE
         populate = getattr(mmap, "MAP_POPULATE", 0)
@@ -150,6 +155,7 @@ class Ring:
         self._sqes = memoryview(sqes)
         self._sq_head = sq_head
         self._sq_tail = sq_tail
+        self._sq_flags = sq_flags
         self._sq_mask = _U32.unpack_from(sq, sq_mask)[0]
         self._cq_head = cq_head
         self._cq_tail = cq_tail
@@ -259,7 +265,8 @@ class Ring:
         queued = self.queued
         if not queued and not wait:
             return 0
-        flags = IORING_ENTER_GETEVENTS if wait else 0
+        # GETEVENTS also moves completions parked in the overflow list to the ring.
+        flags = IORING_ENTER_GETEVENTS if wait or self.overflowed() else 0
         while True:
             try:
                 n = _sys(SYS_IO_URING_ENTER, self.fd, queued, wait, flags, None, 0)
@@ -276,8 +283,38 @@ class Ring:
         return n
 
     # ---- completion ----------------------------------------------------------------
+    def overflowed(self) -> bool:
+        """Completions wait in the kernel's overflow list: the completion ring shows
+        none of them (nor any later one) until an ``io_uring_enter`` with GETEVENTS
+        moves them over, and the eventfd is not bumped for them."""
+        sq = self._sq
+        return sq is not None and bool(_U32.unpack_from(sq, self._sq_flags)[0]
+                                       & IORING_SQ_CQ_OVERFLOW)
+
     def reap(self) -> int:
-        """Report every completion posted so far; returns how many."""
+        """Report every completion posted so far, also those the kernel kept in its
+        overflow list; returns how many."""
+        n = self._reap()
+        while self.overflowed():
+            # Seen under load with never more than a few operations in flight: the
+            # kernel (6.18) parked completions although the ring had room, and only
+            # a GETEVENTS enter brings them (and every later one) to the ring.
+            self.overflow_flushes += 1
+            if self.overflow_flushes == 1:
+                log.info("io_uring: the kernel parked completions in its overflow list; "
+                         "fetching them (counted from now on in the storage state)")
+            try:
+                _sys(SYS_IO_URING_ENTER, self.fd, 0, 0, IORING_ENTER_GETEVENTS, None, 0)
+            except OSError as e:
+                if e.errno not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
+                    raise
+            got = self._reap()
+            n += got
+            if not got:
+                break
+        return n
+
+    def _reap(self) -> int:
         cq = self._cq
         head = _U32.unpack_from(cq, self._cq_head)[0]
         tail = _U32.unpack_from(cq, self._cq_tail)[0]
