@@ -8,6 +8,9 @@ import mmap
 import os
 import random
 import select
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -243,3 +246,58 @@ def test_completions_parked_in_the_overflow_list_are_fetched() -> None:
         assert ring.overflow_flushes >= 1
     finally:
         ring.close()
+
+
+_HEAD_WATCHER = r"""
+import mmap, sys
+fd, flag_fd, offset, size, word = map(int, sys.argv[1:])
+words = memoryview(mmap.mmap(fd, size, offset=offset)).cast("I")
+flag = mmap.mmap(flag_fd, 1)
+flag[0] = 1  # watching
+back = reads = 0
+prev = words[word]
+while flag[0] == 1:
+    for _ in range(1000):
+        now = words[word]
+        back += now < prev
+        prev = now
+    reads += 1000
+print(back, reads)
+"""
+
+
+def test_the_completion_head_is_stored_in_one_move() -> None:
+    """The kernel reads the completion ring's head while we store it, from other CPUs.
+    Stored a byte at a time (struct.pack_into), a head crossing a multiple of 256 is
+    seen to go back for a moment; crossing a multiple of 65536 it looks 65535 behind,
+    the ring looks full to the kernel, and completions go to its overflow list (the
+    guest hang this test stands for). A second process watches the head as a CPU of
+    the kernel would: it must only ever move forward."""
+    ring = uring.Ring(64)
+    flag_fd = os.memfd_create("watching")
+    os.ftruncate(flag_fd, 1)
+    flag = mmap.mmap(flag_fd, 1)
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", _HEAD_WATCHER, str(ring.fd), str(flag_fd),
+         str(uring.IORING_OFF_CQ_RING), str(len(ring._cq)), str(ring._cq_head)],
+        pass_fds=(ring.fd, flag_fd), stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while flag[0] != 1:
+            assert watcher.poll() is None and time.monotonic() < deadline, "watcher not up"
+            time.sleep(0.001)
+        ring.report = lambda token, res: None
+        for i in range(100_000):  # the head crosses 390 multiples of 256
+            ring.prep_nop(i)
+            ring.submit()
+            while not ring.reap():
+                pass
+    finally:
+        flag[0] = 0
+        out, _ = watcher.communicate(timeout=10)
+        flag.close()
+        os.close(flag_fd)
+        ring.close()
+    back, reads = map(int, out.split())
+    assert reads > 100_000, "the watcher hardly ran"
+    assert back == 0, f"the head went back {back} time(s) in {reads} reads"

@@ -59,7 +59,6 @@ _PARAMS = struct.Struct("<10I8IQ8IQ")
 SQE = struct.Struct("<BBHiQQIIQHHiQQ")
 # struct io_uring_cqe (16 bytes): user_data, res, flags.
 CQE = struct.Struct("<QiI")
-_U32 = struct.Struct("<I")
 IOVEC = struct.Struct("<QQ")
 
 log = logging.getLogger("vhostd.storage")
@@ -118,6 +117,8 @@ class Ring:
         self.report: Report | None = None
         self._maps: list[mmap.mmap] = []
         self._slots: list[Any] = []
+        self._sqw: memoryview | None = None
+        self._cqw: memoryview | None = None
         self.in_kernel = 0  # submitted, not yet reaped
         self.queued = 0  # prepared, not yet submitted
         self.overflow_flushes = 0  # times completions had to be fetched from the kernel
@@ -135,7 +136,7 @@ class Ring:
         f = _PARAMS.unpack(params)
         sq_entries, cq_entries, _flags = f[0], f[1], f[2]
         self.features = f[5]
-        sq_head, sq_tail, sq_mask, _sq_n, sq_flags, _dropped, sq_array = f[10:17]
+        _sq_head, sq_tail, sq_mask, _sq_n, sq_flags, _dropped, sq_array = f[10:17]
         cq_head, cq_tail, cq_mask, _cq_n, _overflow, cqes = f[19:25]
         prot = mmap.PROT_READ | mmap.PROT_WRITE
         populate = getattr(mmap, "MAP_POPULATE", 0)
@@ -153,18 +154,25 @@ class Ring:
         self._sq = memoryview(sq)
         self._cq = memoryview(cq)
         self._sqes = memoryview(sqes)
-        self._sq_head = sq_head
-        self._sq_tail = sq_tail
-        self._sq_flags = sq_flags
-        self._sq_mask = _U32.unpack_from(sq, sq_mask)[0]
-        self._cq_head = cq_head
-        self._cq_tail = cq_tail
-        self._cq_mask = _U32.unpack_from(cq, cq_mask)[0]
+        # The heads, tails and flags the kernel reads and writes while we do: 32-bit
+        # views, so each is loaded and stored in one move. struct.pack_into and
+        # unpack_from go byte by byte: the kernel could read a head half written (a
+        # carry into the third byte makes it 65535 behind, the completion ring looks
+        # full and completions go to the overflow list), and a tail read half old,
+        # half new can run past the completions actually posted.
+        self._sqw = self._sq.cast("I")
+        self._cqw = self._cq.cast("I")
+        self._sq_tail = sq_tail >> 2
+        self._sq_flags = sq_flags >> 2
+        self._sq_mask = self._sqw[sq_mask >> 2]
+        self._cq_head = cq_head >> 2
+        self._cq_tail = cq_tail >> 2
+        self._cq_mask = self._cqw[cq_mask >> 2]
         self._cqes = cqes
         # The index array maps ring slots to entries one to one, once and for all.
         for i in range(sq_entries):
-            _U32.pack_into(sq, sq_array + 4 * i, i)
-        self._tail = _U32.unpack_from(sq, sq_tail)[0]
+            self._sqw[(sq_array >> 2) + i] = i
+        self._tail = self._sqw[self._sq_tail]
 
     # ---- setup ---------------------------------------------------------------------
     def register_eventfd(self) -> int:
@@ -203,7 +211,7 @@ class Ring:
                 self.reap()
             if self.in_kernel > 0:
                 _abandoned.extend(s for s in self._slots if s is not None)
-        for view in ("_sq", "_cq", "_sqes"):
+        for view in ("_sqw", "_cqw", "_sq", "_cq", "_sqes"):
             v = getattr(self, view, None)
             if v is not None:
                 v.release()
@@ -236,7 +244,7 @@ class Ring:
         SQE.pack_into(self._sqes, idx * 64, op, 0, 0, fd, off, addr, length, rw_flags, slot,
                       0, 0, 0, 0, 0)
         self._tail = (self._tail + 1) & 0xFFFFFFFF
-        _U32.pack_into(self._sq, self._sq_tail, self._tail)
+        self._sqw[self._sq_tail] = self._tail  # type: ignore[index]
         self.queued += 1
 
     def prep_rw(self, write: bool, fd: int, addr: int, length: int, offset: int,
@@ -287,18 +295,16 @@ class Ring:
         """Completions wait in the kernel's overflow list: the completion ring shows
         none of them (nor any later one) until an ``io_uring_enter`` with GETEVENTS
         moves them over, and the eventfd is not bumped for them."""
-        sq = self._sq
-        return sq is not None and bool(_U32.unpack_from(sq, self._sq_flags)[0]
-                                       & IORING_SQ_CQ_OVERFLOW)
+        sqw = self._sqw
+        return sqw is not None and bool(sqw[self._sq_flags] & IORING_SQ_CQ_OVERFLOW)
 
     def reap(self) -> int:
         """Report every completion posted so far, also those the kernel kept in its
         overflow list; returns how many."""
         n = self._reap()
         while self.overflowed():
-            # Seen under load with never more than a few operations in flight: the
-            # kernel (6.18) parked completions although the ring had room, and only
-            # a GETEVENTS enter brings them (and every later one) to the ring.
+            # The ring was full in the kernel's eyes; only a GETEVENTS enter brings
+            # the parked completions (and every later one) to the ring.
             self.overflow_flushes += 1
             if self.overflow_flushes == 1:
                 log.info("io_uring: the kernel parked completions in its overflow list; "
@@ -316,8 +322,9 @@ class Ring:
 
     def _reap(self) -> int:
         cq = self._cq
-        head = _U32.unpack_from(cq, self._cq_head)[0]
-        tail = _U32.unpack_from(cq, self._cq_tail)[0]
+        cqw = self._cqw
+        head = cqw[self._cq_head]  # type: ignore[index]
+        tail = cqw[self._cq_tail]  # type: ignore[index]
         if head == tail:
             return 0
         mask = self._cq_mask
@@ -336,7 +343,7 @@ class Ring:
             done.append((token, res))
             n += 1
         # Free the entries first: a report may prepare new operations.
-        _U32.pack_into(cq, self._cq_head, head)
+        cqw[self._cq_head] = head  # type: ignore[index]
         self.in_kernel -= n
         report = self.report
         for token, res in done:
