@@ -467,8 +467,11 @@ def test_sigusr1_logs_every_ring_with_exact_positions(
 # ---- QEMU's dirty log from a worker ---------------------------------------------------
 
 
-def test_dirty_log_marks_from_a_ring_in_the_worker(
+def test_dirty_logging_serves_every_ring_in_the_daemon(
         start: Callable[..., Any], frontends: Callable[..., BlkFrontend]) -> None:
+    """Marking a page is a read-modify-write of a byte of the shared log: two processes
+    marking at once could lose a mark. While logging, the daemon serves every ring,
+    marks what the worker's ring writes, and gives the ring back afterwards."""
     p = start()
     one_worker(p)
     fe = frontends(p.socket_path, max_io=3 * PAGE_SIZE)
@@ -496,13 +499,15 @@ def test_dirty_log_marks_from_a_ring_in_the_worker(
         read_on_1(0)
         assert logged() == set(), "logged before LOG_ALL"
         fe.client.set_features(features | 1 << VHOST_F_LOG_ALL, need_reply=True)
+        wait_for(lambda: "this process serves every ring" in p.log, "rings called home")
         expect = read_on_1(8) | read_on_1(64)
-        assert logged() == expect  # the worker marked the shared bitmap itself
+        assert logged() == expect
         mm[:] = bytes(size)
         fe.client.set_features(features)
         fe.client.get_features()
         read_on_1(128)
         assert logged() == set(), "logged after LOG_ALL was cleared"
+        assert "dirty logging ended; rings go back to their queue workers" in p.log
     finally:
         mm.close()
         os.close(fd)

@@ -374,10 +374,13 @@ class VhostUserHandler:
 
     def _update_logging(self) -> None:
         """Queues log only while LOG_ALL is negotiated and a log is mapped, so
-        logging costs nothing otherwise."""
+        logging costs nothing otherwise. Meanwhile every ring stays in this process:
+        marking a page is a read-modify-write of a byte of the log, and two processes
+        doing it at once on one byte could lose a mark (a page QEMU never sends again)."""
         active = self.dirty_log if self.features & 1 << vu.VHOST_F_LOG_ALL else None
         for q in self.queues:
             q.dirty_log = active
+        self.placement.keep_home(active is not None, "dirty logging")
 
     # ---- memory ------------------------------------------------------------
     def _on_set_mem_table(self, msg: Message) -> None:

@@ -82,6 +82,7 @@ class RingPlacement:
         self._holds = [0] * n
         self._watching: dict[int, int] = {}  # ring index -> kick fd watched here
         self._idle_wait: set[int] = set()  # rings to send once their requests complete
+        self._home = False  # every ring served here for now (keep_home)
 
     def assign(self, workers: list[Worker | None]) -> None:
         """Let ``workers[i]`` serve ring i (None: the main process). Before any front
@@ -97,7 +98,29 @@ class RingPlacement:
 
     def served_here(self, index: int) -> bool:
         """Whether this process serves ring ``index`` (rather than its worker)."""
-        return self.workers[index] is None
+        return self.workers[index] is None or (self._home and not self._in_worker[index])
+
+    def keep_home(self, on: bool, why: str) -> None:
+        """While on, this process serves every ring: rings in workers are called back
+        (they go on there until they arrive) and none leaves until it is turned off."""
+        if on == self._home:
+            return
+        self._home = on
+        if not any(self.workers):
+            return
+        if not on:
+            log.info("%s: %s ended; rings go back to their queue workers", self.source.name,
+                     why)
+            self.settle()
+            return
+        log.info("%s: %s: this process serves every ring until it ends", self.source.name,
+                 why)
+        everything = range(len(self.workers))
+        arrived = self.hold(everything)
+        if arrived is None:
+            self.release(everything)
+        else:
+            arrived.then(lambda _: self.release(everything))
 
     # ---- holding rings home ------------------------------------------------------
     def hold(self, indices: Iterable[int]) -> Pending[None] | None:
@@ -154,8 +177,8 @@ class RingPlacement:
         for q in self.source.queues:
             i = q.index
             worker = self.workers[i]
-            if (worker is not None and not paused and not self._holds[i] and not self._in_worker[i]
-                    and q.ready and q.kick_fd is not None):
+            if (worker is not None and not paused and not self._home and not self._holds[i]
+                    and not self._in_worker[i] and q.ready and q.kick_fd is not None):
                 if q.outstanding:
                     # A ring moves at rest: requests it took here complete here first.
                     if i not in self._idle_wait:
@@ -231,7 +254,7 @@ class RingPlacement:
         eventfd: a paused member must not read them, since the same eventfd may drive
         the member its owner moves the ring to."""
         i = q.index
-        want = (q.kick_fd if q.kick_fd is not None and self.workers[i] is None
+        want = (q.kick_fd if q.kick_fd is not None and self.served_here(i)
                 and not self.source.paused else None)
         watched = self._watching.get(i)
         if watched == want:
