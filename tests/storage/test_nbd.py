@@ -125,6 +125,32 @@ def test_error_filter_fails_those_requests_only(loop: Loop, nbd_server: Server) 
         s.close()
 
 
+def test_a_server_that_shuts_down_but_stays_connected(loop: Loop, nbd_server: Server,
+                                                      tmp_path: Path) -> None:
+    """ESHUTDOWN answers on a connection the server keeps open: the requests are sent
+    again on a new connection, fail with EIO once the server has said nothing else for
+    the reconnect delay, and work again when it answers (before, they waited forever)."""
+    trigger = tmp_path / "shutting-down"
+    trigger.touch()
+    server = nbd_server("nbdkit", "--filter=error", "memory", "16M", "error=ESHUTDOWN",
+                        "error-pread-rate=100%", f"error-file={trigger}")
+    s = NbdStorage(server.uri, reconnect_delay=1)
+    try:
+        done = started(s, loop)
+        t0 = time.monotonic()
+        assert s.readv([memoryview(bytearray(4096))], 0, "r") == PENDING
+        loop.run_until(lambda: "r" in done.done, timeout=10)
+        assert done.done["r"] == errno.EIO
+        assert 1 <= time.monotonic() - t0 < 8
+        trigger.unlink()
+        loop.run_until(lambda: any(c.ready for c in s.conns), timeout=10)
+        assert s.readv([memoryview(bytearray(4096))], 0, "r2") == PENDING
+        loop.run_until(lambda: "r2" in done.done, timeout=10)
+        assert done.done["r2"] == 0
+    finally:
+        s.close()
+
+
 def test_delay_filter_keeps_many_in_flight(loop: Loop, nbd_server: Server) -> None:
     server = nbd_server("nbdkit", "--filter=delay", "memory", "16M", "rdelay=50ms")
     s = NbdStorage(server.uri)

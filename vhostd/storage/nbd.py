@@ -114,6 +114,7 @@ class _Conn:
         self.cmds: dict[int, _Req] = {}
         self.ready = False
         self.ep: Any = None  # epoll for write readiness, while libnbd needs it
+        self.leaving = False  # the server answered ESHUTDOWN: it is going away
 
     def watch(self, watcher: FdWatcher) -> None:
         self.fd = self.h.aio_get_fd()
@@ -175,6 +176,9 @@ class NbdStorage:
         self.conns: list[_Conn] = []
         self.waiting: deque[_Req] = deque()
         self._down_since: float | None = None
+        # Since when the server has answered ESHUTDOWN on every connection, if it has:
+        # a reconnect then does not restart the reconnect delay (only an answer does).
+        self._shutdown_since: float | None = None
         self._failing = False
         self._backoff = BACKOFF_MIN_S
         self._timer: _Timer | None = None
@@ -249,7 +253,7 @@ class NbdStorage:
                 if self._down_since is not None:
                     log.info("%s: connected again after %.1f s", self.uri,
                              time.monotonic() - self._down_since)
-                self._down_since = None
+                self._down_since = self._shutdown_since
                 self._failing = False
                 self._backoff = BACKOFF_MIN_S
                 self._send_waiting()
@@ -373,6 +377,15 @@ class NbdStorage:
             if conn.ready or conn not in self.conns:
                 return
         self._collect(conn)
+        if conn.leaving:
+            now = time.monotonic()
+            if self._shutdown_since is None:
+                self._shutdown_since = now
+            self._drop(conn)
+            if self._down_since is None or self._down_since > self._shutdown_since:
+                self._down_since = self._shutdown_since
+            self._connect_failed("the server is shutting down (ESHUTDOWN)")
+            return
         if conn.h.aio_is_dead() or conn.h.aio_is_closed():
             self._drop(conn)
             self._connect_more()
@@ -399,8 +412,12 @@ class NbdStorage:
                 continue
             if err and (err in (errno.ENOTCONN, errno.ESHUTDOWN)
                         or h.aio_is_dead() or h.aio_is_closed()):
-                cmds[cookie] = req  # resent by _drop with the connection's others
-                break
+                # Resent on the next connection with this one's others (_drop). A
+                # server that says it shuts down may still keep the connection open:
+                # the connection is dropped all the same (_after_notify).
+                cmds[cookie] = req
+                conn.leaving = True
+                continue
             if err and not req.error:
                 req.error = err
             req.parts -= 1
@@ -410,6 +427,11 @@ class NbdStorage:
     def _finish(self, req: _Req, err: int) -> None:
         self._pending -= 1
         self._finished = True
+        if not err and self._shutdown_since is not None:
+            # The server answers again: the reconnect delay starts afresh next time.
+            self._shutdown_since = None
+            if any(c.ready for c in self.conns):
+                self._down_since = None
         self.on_complete(req.token, err)
 
     # ---- submitting -----------------------------------------------------------------
