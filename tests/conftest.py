@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,6 +73,19 @@ class VhostdProcess:
         text = self.log
         assert "Traceback" not in text, text
         assert "internal error" not in text, text
+
+
+def _short_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A folder for unix sockets, whose paths must stay under 108 bytes (pytest's
+    tmp_path may be longer); named after the test, removed afterwards."""
+    name = re.sub(r"[^\w-]", "_", request.node.name)[:16]
+    d = Path(tempfile.mkdtemp(prefix=f"v{name}-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+short_dir = pytest.fixture(_short_dir)
+workdir = pytest.fixture(_short_dir, name="workdir")
 
 
 @pytest.fixture

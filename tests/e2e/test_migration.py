@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,13 +28,6 @@ pytestmark = pytest.mark.e2e
 TIMEOUT = 300
 MiB = 1 << 20
 
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    # Short: unix socket paths are limited to 107 bytes.
-    d = Path(tempfile.mkdtemp(prefix="vmig-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 class Cluster:

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,13 +24,6 @@ from testbed.qemu_select import SYSTEM, program, version
 pytestmark = pytest.mark.e2e
 TIMEOUT = 300
 
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    # Short: unix socket paths are limited to 107 bytes.
-    d = Path(tempfile.mkdtemp(prefix="vstate-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 async def _qmp(path: Path, *commands: str) -> None:

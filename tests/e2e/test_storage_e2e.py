@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,13 +32,6 @@ TIMEOUT = 300
 MiB = 1 << 20
 O_DIRECT = os.O_DIRECT
 
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    # Short: unix socket paths are limited to 107 bytes.
-    d = Path(tempfile.mkdtemp(prefix="vstor-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -21,10 +21,9 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +41,6 @@ DISK = 16 * MiB
 TIMEOUT = 10.0  # generous: the machine is shared
 BLOCK = 4096
 
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """Unix socket paths must stay under 108 bytes; pytest's tmp_path may be longer."""
-    d = Path(tempfile.mkdtemp(prefix="vhc", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 class Daemon:

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,12 +28,6 @@ SECTORS = 4096  # the part of the disk the guest uses (2 MiB)
 READ_AREA_GPA = 0x1000000  # region 2: read buffers only the device writes
 READ_AREA = 2 * MiB
 
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="vtrk-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def pages_of(gpa: int, length: int) -> set[int]:

@@ -16,12 +16,10 @@ import os
 import random
 import re
 import select
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -80,13 +78,6 @@ class Rig:
             assert time.monotonic() < deadline, (n, self.served(n), expect, self.proc.log)
             time.sleep(0.01)
 
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """Unix socket paths must stay under 108 bytes; pytest's tmp_path may be longer."""
-    d = Path(tempfile.mkdtemp(prefix="vho", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -16,10 +16,8 @@ from __future__ import annotations
 import mmap
 import os
 import re
-import shutil
 import signal
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -125,13 +123,6 @@ def frontends() -> Iterator[Callable[..., BlkFrontend]]:
     for fe in opened:
         fe.close()
 
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """Unix socket paths must stay under 108 bytes; pytest's tmp_path may be longer."""
-    d = Path(tempfile.mkdtemp(prefix="vqw", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 class Disk:
