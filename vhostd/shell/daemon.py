@@ -70,9 +70,8 @@ class Daemon:
         self.on_ready: Callable[[], None] | None = None
         for server in self.servers:
             # Storage that learns its size later (NBD) reports back here after SIGHUP.
-            dev = server.handler.device
-            for d in (dev, getattr(dev, "disk", None)):
-                if d is not None and hasattr(d, "on_resize"):
+            for d in _disks(server):
+                if hasattr(d, "on_resize"):
                     d.on_resize = lambda s=server: self._refresh(s)
         for worker in self.workers:
             worker.attach(loop, self._worker_exited)
@@ -119,8 +118,7 @@ class Daemon:
         process serves; a queue worker's are its own)."""
         self._sweep = None
         for server in self.servers:
-            dev = server.handler.device
-            for d in (dev, getattr(dev, "disk", None)):
+            for d in _disks(server):
                 overdue = getattr(d, "overdue", None)
                 if overdue is None:
                     continue
@@ -193,6 +191,13 @@ class Daemon:
         except TimeoutError:
             log.warning("requests still at the storage after %.0f s; they stay in the "
                         "inflight region for the next vhostd", STOP_GRACE_SECONDS)
+
+
+def _disks(server: DeviceServer) -> list[Any]:
+    """The server's device, and the owner's own disk if it has one."""
+    dev = server.handler.device
+    disk = getattr(dev, "disk", None)
+    return [dev] if disk is None else [dev, disk]
 
 
 def _log_failure(server: DeviceServer, what: str) -> Any:

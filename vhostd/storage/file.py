@@ -322,11 +322,10 @@ class FileStorage:
             if ring.queued:  # rest of short transfers, flushes of writethrough
                 ring.submit()
             self.on_batch_done()
-        if ring.queued and not self._rung:
+        if ring.queued:
             # The kernel took none for now (EAGAIN: short of memory); nothing else
             # would bring the loop back here if nothing is in the kernel either.
-            self._rung = True
-            os.eventfd_write(ring.efd, 1)
+            self._ring_doorbell(ring)
 
     def _ring_submit(self, ring: uring.Ring) -> None:
         """Submit now when nothing is at the disk (a lone request waits for nobody);
@@ -343,6 +342,11 @@ class FileStorage:
             # The kernel took none (short of memory): try again from the loop.
         elif self._walking:
             return
+        self._ring_doorbell(ring)
+
+    def _ring_doorbell(self, ring: uring.Ring) -> None:
+        """Have the loop come back to the ring (:meth:`_ring_ready`) and submit what is
+        queued: one eventfd write, however many ask before it does."""
         if not self._rung:
             self._rung = True
             os.eventfd_write(ring.efd, 1)
@@ -368,9 +372,8 @@ class FileStorage:
         if self._walking or ring is None or not ring.queued:
             return
         ring.submit()
-        if ring.queued and not self._rung:
-            self._rung = True  # the kernel took none: try again from the loop
-            os.eventfd_write(ring.efd, 1)
+        if ring.queued:
+            self._ring_doorbell(ring)  # the kernel took none: try again from the loop
 
     def _ring_rw(self, ring: uring.Ring, fd: int, iov: list[memoryview], offset: int,
                  token: Any, write: bool, bounce: mmap.mmap | None = None) -> bool:

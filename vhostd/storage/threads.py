@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..engine.loop import FdWatcher
+from .base import ignore_batch_done
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class ThreadPool:
         self._threads: list[threading.Thread] = []
         self.pending = 0  # submitted, not yet reported
         self.report: Callable[[Any, int], None] | None = None
-        self.batch_end: Callable[[], None] = _nothing
+        self.batch_end: Callable[[], None] = ignore_batch_done
         # Set by a thread that woke the loop, cleared by the loop before it drains: a
         # thread that finds it set leaves the wake-up to the one that set it.
         self._signalled = False
@@ -129,7 +130,3 @@ class ThreadPool:
             t.join()
         self._threads = []
         os.close(self._efd)
-
-
-def _nothing() -> None:
-    """No batch-end hook installed."""
