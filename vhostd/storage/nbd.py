@@ -250,12 +250,10 @@ class NbdStorage:
                     log.warning("%s: the export is now %d bytes (was %d)", self.uri, size,
                                 self._size)
                 conn.ready = True
-                if self._down_since is not None:
-                    log.info("%s: connected again after %.1f s", self.uri,
-                             time.monotonic() - self._down_since)
-                self._down_since = self._shutdown_since
-                self._failing = False
-                self._backoff = BACKOFF_MIN_S
+                # After ESHUTDOWN answers only an answer ends the outage (_finish):
+                # until then the backoff grows and the log says nothing more.
+                if self._shutdown_since is None:
+                    self._connection_back()
                 self._send_waiting()
                 return
             if h.aio_is_connecting():
@@ -266,6 +264,14 @@ class NbdStorage:
             why = e.string
         self._drop(conn)
         self._connect_failed(why)
+
+    def _connection_back(self) -> None:
+        if self._down_since is not None:
+            log.info("%s: connected again after %.1f s", self.uri,
+                     time.monotonic() - self._down_since)
+        self._down_since = None
+        self._failing = False
+        self._backoff = BACKOFF_MIN_S
 
     def _connect_failed(self, why: str) -> None:
         now = time.monotonic()
@@ -430,8 +436,7 @@ class NbdStorage:
         if not err and self._shutdown_since is not None:
             # The server answers again: the reconnect delay starts afresh next time.
             self._shutdown_since = None
-            if any(c.ready for c in self.conns):
-                self._down_since = None
+            self._connection_back()
         self.on_complete(req.token, err)
 
     # ---- submitting -----------------------------------------------------------------
